@@ -1,0 +1,30 @@
+# Quick start: `make demo` and `make test`; both run the idempotent `make setup` first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint typecheck unit bench clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m qtrace.demo
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck:
+	$(VENV)/bin/mypy
+
+unit:
+	$(VENV)/bin/pytest -q
+
+test: setup lint typecheck unit
+
+bench: setup
+	$(PY) bench/trace_overhead.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,173 @@
+"""Kernel records -> attributed, resolved, wall-clock Events."""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+from typing import Any
+
+from agent import abi
+from agent.clock import WallClock
+from agent.extract import QueryIdExtractor
+from agent.fdresolve import FdResolver, sockaddr_str
+from agent.model import NET_KINDS, Event
+
+_TCP_STATES = (
+    "?",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+)
+_SOCK_TYPES = (abi.FD_SOCK_IN, abi.FD_SOCK_OUT, abi.FD_SOCK)
+_K = abi.KINDS
+_NEW_CONN = (_K["accept"], _K["accept4"], _K["connect"])
+_PATH_ONLY = (_K["unlink"], _K["unlinkat"])
+_RENAMES = (_K["rename"], _K["renameat2"])
+_TCP = (_K["inet_sock_set_state"], _K["tcp_retransmit_skb"])
+
+
+def _cstr(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _tuple_target(payload: bytes) -> str:
+    family, sport, dport, _pad, saddr, daddr = abi.TUPLE.unpack_from(payload)
+    if family == socket.AF_INET:
+        s, d = socket.inet_ntop(family, saddr[:4]), socket.inet_ntop(family, daddr[:4])
+        return f"{s}:{sport}->{d}:{dport}"
+    s, d = socket.inet_ntop(socket.AF_INET6, saddr), socket.inet_ntop(socket.AF_INET6, daddr)
+    return f"[{s}]:{sport}->[{d}]:{dport}"
+
+
+class RequestTable:
+    """Kernel request key -> query id (None when the request carried none)."""
+
+    def __init__(self, limit: int = 1_000_000) -> None:
+        self._ids: dict[int, str | None] = {}
+        self._limit = limit
+
+    def set(self, key: int, query_id: str | None) -> None:
+        self._ids[key] = query_id
+        if len(self._ids) > self._limit:
+            for old in list(self._ids)[: self._limit // 10]:
+                del self._ids[old]
+
+    def get(self, key: int) -> str | None:
+        return self._ids.get(key) if key else None
+
+
+class Decoder:
+    def __init__(
+        self, extractor: QueryIdExtractor, resolver: FdResolver, clock: WallClock
+    ) -> None:
+        self.extractor = extractor
+        self.resolver = resolver
+        self.clock = clock
+        self.requests = RequestTable()
+        self.received: Counter[str] = Counter()
+
+    def decode(self, rec: bytes) -> Event | None:
+        (
+            ts_enter,
+            ts_exit,
+            cgroup_id,
+            req_key,
+            ret,
+            arg0,
+            arg1,
+            tgid,
+            tid,
+            fd,
+            kind,
+            fdtype,
+            flags,
+            plen,
+            pkind,
+            _record,
+            comm,
+        ) = abi.EVENT.unpack_from(rec)
+        name = abi.KIND_NAMES.get(kind)
+        if name is None:
+            return None
+        self.received[name] += 1
+        payload = rec[abi.EVENT.size : abi.EVENT.size + plen] if plen else b""
+        detail: dict[str, Any] | None = None
+
+        if flags & abi.F_REQ_START:
+            self.requests.set(req_key, self.extractor.extract(payload))
+
+        target: str | None = None
+        res = self.resolver
+        if kind in _TCP:
+            target = _tuple_target(payload) if pkind == abi.P_TUPLE else None
+            if kind == _K["inet_sock_set_state"]:
+                detail = {"old": _TCP_STATES[arg0 % 13], "new": _TCP_STATES[arg1 % 13]}
+            else:
+                detail = {"state": _TCP_STATES[arg0 % 13]}
+        elif kind == _K["block_rq"]:
+            dev = arg1 >> 32
+            major, minor = dev >> 20, dev & 0xFFFFF
+            target = f"dev {major}:{minor}"
+            detail = {"sector": arg0, "sectors": arg1 & 0xFFFFFFFF}
+        elif kind == _K["openat"]:
+            path = _cstr(payload)
+            target = res.opened(tgid, fd, path, int(arg0)) if ret >= 0 else path
+        elif kind in _NEW_CONN:
+            peer = sockaddr_str(payload) if pkind == abi.P_SOCKADDR else None
+            if ret >= 0 or ret == -115:
+                listener = int(arg0) if kind != _K["connect"] and arg0 < 1 << 31 else None
+                target = res.connected(tgid, fd, fdtype, peer, listener)
+            else:
+                target = f"?->{peer}" if peer else None
+        elif kind == _K["close"]:
+            target = res.closed(tgid, fd)
+        elif kind in _PATH_ONLY:
+            target = _cstr(payload)
+        elif kind in _RENAMES:
+            half = len(payload) // 2
+            target = f"{_cstr(payload[:half])} => {_cstr(payload[half:])}"
+        elif fd >= 0:
+            entry = res.lookup(tgid, fd, fdtype)
+            if entry is not None:
+                target = entry.target
+                fdtype = entry.fdtype if fdtype == abi.FD_UNKNOWN else fdtype
+            if kind in (_K["sendfile64"], _K["splice"]):
+                src = res.lookup(tgid, int(arg0), abi.FD_FILE)
+                detail = {"in_fd": int(arg0), "in_target": src.target if src else None}
+
+        if name in NET_KINDS or fdtype in _SOCK_TYPES:
+            group = "net"
+        else:
+            group = "storage"
+        return Event(
+            ts_ns=self.clock.to_wall(ts_enter),
+            dur_ns=ts_exit - ts_enter,
+            kind=name,
+            pid=tgid,
+            tid=tid,
+            comm=_cstr(comm),
+            fd=fd,
+            target=target,
+            ret=ret,
+            query_id=self.requests.get(req_key),
+            request_key=req_key,
+            inferred=bool(flags & abi.F_INFERRED),
+            group=group,
+            cgroup_id=cgroup_id,
+            mono_ns=ts_enter,
+            detail=detail,
+        )
+
+    def decode_exec(self, rec: bytes) -> tuple[int, str]:
+        fields = abi.EVENT.unpack_from(rec)
+        return fields[7], _cstr(fields[16])
+

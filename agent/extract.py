@@ -1,0 +1,47 @@
+"""Query-id extractors: find the id in a request's first bytes."""
+
+from __future__ import annotations
+
+import re
+
+from qtrace.errors import QtraceError
+
+DEFAULT_HEADER = "X-Query-Id"
+MAX_ID_LEN = 256
+
+
+class QueryIdExtractor:
+    """One regex over the first bytes; its first group is the query id.
+
+    A header name becomes a case-insensitive header-line regex, so HTTP and any text
+    protocol (``/* qid=42 */`` in SQL, say) go through the same path."""
+
+    def __init__(self, pattern: bytes, description: str) -> None:
+        self._re = re.compile(pattern)
+        self.description = description
+
+    @classmethod
+    def header(cls, name: str = DEFAULT_HEADER) -> QueryIdExtractor:
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise QtraceError(f"invalid HTTP header name {name!r}", "use letters, digits and '-'")
+        pat = rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$"
+        return cls(pat, f"header {name}")
+
+    @classmethod
+    def regex(cls, pattern: str) -> QueryIdExtractor:
+        try:
+            compiled = re.compile(pattern.encode())
+        except re.error as e:
+            raise QtraceError(f"invalid --query-id-regex {pattern!r} ({e})", "fix the regex") from e
+        if compiled.groups < 1:
+            raise QtraceError(
+                f"--query-id-regex {pattern!r} has no group",
+                "wrap the id in parentheses, e.g. 'qid=(\\w+)'",
+            )
+        return cls(pattern.encode(), f"regex {pattern}")
+
+    def extract(self, data: bytes) -> str | None:
+        m = self._re.search(data)
+        if not m or not m.group(1):
+            return None
+        return m.group(1)[:MAX_ID_LEN].decode("utf-8", "replace")

@@ -1,0 +1,199 @@
+"""What an fd of a traced process is: a file path or a TCP connection.
+
+Resolved once per (pid, fd) and cached; the cache follows the event stream (open, accept
+and connect set an entry, close drops it), so a reused fd number is never confused with
+the file it used to be. Fds the kernel did not see created are looked up in /proc and the
+kernel is taught their type, so that it can suppress pipes and attribute accepted sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent import abi
+from agent.netns import NetnsTable, SockInfo, netns_id
+
+AT_FDCWD = -100
+
+
+@dataclass(slots=True)
+class FdEntry:
+    fdtype: int
+    target: str | None
+    inode: int = 0
+
+
+def sockaddr_str(raw: bytes) -> str | None:
+    """A raw struct sockaddr (from connect/accept arguments) as ip:port."""
+    if len(raw) < 8:
+        return None
+    family, port = struct.unpack_from("<H", raw)[0], struct.unpack_from(">H", raw, 2)[0]
+    if family == socket.AF_INET:
+        return f"{socket.inet_ntop(socket.AF_INET, raw[4:8])}:{port}"
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return f"[{socket.inet_ntop(socket.AF_INET6, raw[8:24])}]:{port}"
+    return None
+
+
+class FdResolver:
+    def __init__(self, teach: Callable[[int, int, int], None]) -> None:
+        self._teach = teach
+        self._fds: dict[tuple[int, int], FdEntry] = {}
+        self._netns: dict[int, NetnsTable] = {}
+        self._refreshed: set[int] = set()  # namespaces dumped during this drain cycle
+
+    def new_cycle(self) -> None:
+        self._refreshed.clear()
+
+    # -- sockets -------------------------------------------------------------------------
+
+    def _table(self, pid: int) -> NetnsTable | None:
+        ns = netns_id(pid)
+        if ns is None:
+            return None
+        table = self._netns.get(ns)
+        if table is None:
+            try:
+                table = self._netns[ns] = NetnsTable(pid)
+            except OSError:
+                return None
+        return table
+
+    def _sock(self, pid: int, inode: int) -> SockInfo | None:
+        table = self._table(pid)
+        if table is None:
+            return None
+        info = table.by_inode.get(inode)
+        ns = id(table)
+        if info is None and ns not in self._refreshed:
+            self._refreshed.add(ns)  # one dump per namespace per cycle, however many misses
+            table.refresh()
+            info = table.by_inode.get(inode)
+        return info
+
+    def listen_ports(self, pid: int) -> set[int]:
+        """Listening ports held by pid's sockets (for the kernel's TCP tracepoint filter)."""
+        table = self._table(pid)
+        if table is None:
+            return set()
+        table.refresh()
+        ports = set()
+        for ino in _socket_inodes(pid):
+            info = table.by_inode.get(ino)
+            if info and info.listening:
+                ports.add(info.local_port)
+        return ports
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def _from_proc(self, pid: int, fd: int) -> FdEntry | None:
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            link = os.readlink(path)
+            st = os.stat(path)
+        except OSError:
+            return None
+        if stat.S_ISSOCK(st.st_mode):
+            info = self._sock(pid, st.st_ino)
+            if info is None:
+                return FdEntry(abi.FD_SOCK, None, st.st_ino)
+            table = self._table(pid)
+            inbound = table is not None and info.local_port in table.listen_ports
+            return FdEntry(abi.FD_SOCK_IN if inbound else abi.FD_SOCK_OUT, info.target, st.st_ino)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            return FdEntry(abi.FD_FILE, link, st.st_ino)
+        return FdEntry(abi.FD_OTHER, link, st.st_ino)
+
+    def lookup(self, pid: int, fd: int, fdtype: int) -> FdEntry | None:
+        key = (pid, fd)
+        entry = self._fds.get(key)
+        if entry is None:
+            entry = self._from_proc(pid, fd)
+            if entry is None:
+                return None
+            self._fds[key] = entry
+            if fdtype == abi.FD_UNKNOWN:
+                self._teach(pid, fd, entry.fdtype)
+        elif entry.target is None and entry.fdtype in (
+            abi.FD_SOCK,
+            abi.FD_SOCK_IN,
+            abi.FD_SOCK_OUT,
+        ):
+            # A socket seen before it was connected: try again, it may have a peer now.
+            fresh = self._from_proc(pid, fd)
+            if fresh is not None and fresh.target is not None:
+                entry.target = fresh.target
+        return entry
+
+    # -- what events tell us ---------------------------------------------------------------
+
+    def opened(self, pid: int, fd: int, path: str, dirfd: int) -> str:
+        if not path.startswith("/"):
+            base = None
+            if dirfd == AT_FDCWD:
+                with contextlib.suppress(OSError):
+                    base = os.readlink(f"/proc/{pid}/cwd")
+            else:
+                parent = self._fds.get((pid, dirfd))
+                base = parent.target if parent else None
+            if base:
+                path = os.path.normpath(os.path.join(base, path))
+        self._fds[(pid, fd)] = FdEntry(abi.FD_FILE, path)
+        return path
+
+    def connected(
+        self, pid: int, fd: int, fdtype: int, peer: str | None, listener: int | None = None
+    ) -> str | None:
+        """A socket from accept (``listener`` is the listening fd) or connect."""
+        self._fds.pop((pid, fd), None)
+        entry = self._from_proc(pid, fd)
+        # By the time we look the fd may already be closed and its number reused: the
+        # syscall's own peer address is the truth, /proc and sock_diag only add our side.
+        if entry is not None and peer and (entry.target or "").split("->")[-1] != peer:
+            entry = None
+        if entry is None or entry.target is None:
+            # Gone before we looked (short connections): the peer comes from the syscall's
+            # arguments, our side from the listening socket, which outlives it.
+            local = "?"
+            if listener is not None:
+                lst = self.lookup(pid, listener, abi.FD_SOCK)
+                if lst is not None and lst.target:
+                    local = lst.target.split("->", 1)[0]
+            entry = FdEntry(fdtype, f"{local}->{peer}" if peer else None)
+        else:
+            entry.fdtype = fdtype  # the kernel saw accept/connect: it knows the direction
+        self._fds[(pid, fd)] = entry
+        return entry.target
+
+    def closed(self, pid: int, fd: int) -> str | None:
+        entry = self._fds.pop((pid, fd), None)
+        return entry.target if entry else None
+
+    def forget_process(self, pid: int) -> None:
+        for key in [k for k in self._fds if k[0] == pid]:
+            del self._fds[key]
+
+    def close(self) -> None:
+        for table in self._netns.values():
+            table.close()
+        self._netns.clear()
+
+
+def _socket_inodes(pid: int) -> list[int]:
+    out = []
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+            if link.startswith("socket:["):
+                out.append(int(link[8:-1]))
+    return out

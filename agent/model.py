@@ -1,0 +1,48 @@
+"""The agent's event: what `qtrace agent trace` writes and what later ships over gRPC."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+NET_KINDS = frozenset(
+    {
+        "accept",
+        "accept4",
+        "connect",
+        "recvfrom",
+        "recvmsg",
+        "sendto",
+        "sendmsg",
+        "sendfile64",
+        "splice",
+        "inet_sock_set_state",
+        "tcp_retransmit_skb",
+    }
+)
+
+
+@dataclass(slots=True)
+class Event:
+    ts_ns: int  # wall-clock start (ns since the epoch)
+    dur_ns: int
+    kind: str
+    pid: int
+    tid: int
+    comm: str
+    fd: int
+    target: str | None  # file path, "ip:port->ip:port", or a device
+    ret: int
+    query_id: str | None
+    request_key: int  # kernel-assigned request key, 0 = none
+    inferred: bool  # attributed through a thread the request thread created
+    group: str  # "net" or "storage"
+    cgroup_id: int
+    mono_ns: int  # the kernel's CLOCK_MONOTONIC start, for ordering within a node
+    detail: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["detail"] is None:
+            del d["detail"]
+        return d

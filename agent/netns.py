@@ -1,0 +1,106 @@
+"""TCP socket tables of network namespaces, through sock_diag (pyroute2)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+from pyroute2 import DiagSocket
+
+_CLONE_NEWNET = 0x40000000
+_TCP_LISTEN = 10
+
+
+@dataclass(frozen=True, slots=True)
+class SockInfo:
+    local: str
+    remote: str
+    local_port: int
+    listening: bool
+
+    @property
+    def target(self) -> str:
+        return f"{self.local}->{self.remote}"
+
+
+def _fmt(addr: str, port: int, family: int) -> str:
+    return f"[{addr}]:{port}" if family == socket.AF_INET6 else f"{addr}:{port}"
+
+
+def netns_id(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _open_diag(pid: int) -> DiagSocket:
+    """A sock_diag socket inside pid's network namespace.
+
+    A netlink socket belongs to the namespace it was created in, so it is created by a
+    short-lived thread that first joins the namespace (setns only moves that thread)."""
+    if netns_id(pid) == netns_id(os.getpid()):
+        ds = DiagSocket()
+        ds.bind()
+        return ds
+    result: list[DiagSocket | BaseException] = []
+
+    def enter() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            ds = DiagSocket()
+            ds.bind()
+            result.append(ds)
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=enter, name="qtrace-netns")
+    t.start()
+    t.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+class NetnsTable:
+    """inode -> SockInfo for one network namespace, refreshed by full dumps on a miss."""
+
+    def __init__(self, pid: int) -> None:
+        self._diag = _open_diag(pid)
+        self.by_inode: dict[int, SockInfo] = {}
+        self.listen_ports: set[int] = set()
+
+    def refresh(self) -> None:
+        table: dict[int, SockInfo] = {}
+        ports: set[int] = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for m in self._diag.get_sock_stats(family=family):
+                ino = m.get("idiag_inode")
+                sport = m.get("idiag_sport")
+                listening = m.get("idiag_state") == _TCP_LISTEN
+                if listening:
+                    ports.add(sport)
+                if not ino:
+                    continue  # TIME_WAIT and friends have no inode
+                table[ino] = SockInfo(
+                    local=_fmt(m.get("idiag_src"), sport, family),
+                    remote=_fmt(m.get("idiag_dst"), m.get("idiag_dport"), family),
+                    local_port=sport,
+                    listening=listening,
+                )
+        self.by_inode = table
+        self.listen_ports = ports
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._diag.close()

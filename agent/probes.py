@@ -1,0 +1,152 @@
+"""Loading, attaching and talking to the BPF programs in bpf/ (through BCC)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent import abi
+
+# Syscall kinds share one enter/exit program pair each: qt_e_<name> / qt_x_<name>.
+SYSCALL_KINDS = tuple(
+    name for name, num in abi.KINDS.items() if num < abi.KINDS["inet_sock_set_state"]
+)
+OTHER_TRACEPOINTS = (
+    ("qt_fork", "sched:sched_process_fork"),
+    ("qt_exit", "sched:sched_process_exit"),
+    ("qt_exec", "sched:sched_process_exec"),
+    ("qt_sockstate", "sock:inet_sock_set_state"),
+    ("qt_retransmit", "tcp:tcp_retransmit_skb"),
+    ("qt_blk_issue", "block:block_rq_issue"),
+    ("qt_blk_complete", "block:block_rq_complete"),
+)
+PROGRAM_PREFIX = "qt_"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    ring_pages: int = 1024  # 4 MiB: ~40k events between two drains
+    capture_bytes: int = abi.DEFAULT_CAP_BYTES
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-I{abi.BPF_DIR}",
+            f"-DQT_RB_PAGES={self.ring_pages}",
+            f"-DQT_CAP_BYTES={self.capture_bytes}",
+            "-Wno-macro-redefined",
+        ]
+
+
+class Probes:
+    """The loaded programs and their maps. Detached by ``close()`` or by process death
+    (every attachment is held by a file descriptor of this process)."""
+
+    def __init__(self, config: ProbeConfig | None = None) -> None:
+        from bcc import BPF  # imported late: preflight explains a missing bcc first
+
+        self.config = config or ProbeConfig()
+        self._bpf = BPF(src_file=str(abi.PROGRAM).encode(), cflags=self.config.cflags())
+        self._attached: list[str] = []
+        attachments = [
+            (f"qt_{p}_{name}", f"syscalls:sys_{d}_{name}")
+            for name in SYSCALL_KINDS
+            for p, d in (("e", "enter"), ("x", "exit"))
+        ]
+        try:
+            for fn, tp in [*attachments, *OTHER_TRACEPOINTS]:
+                self._bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+                self._attached.append(tp)
+        except Exception:
+            self._bpf.cleanup()
+            raise
+        self._records: list[bytes] = []
+        self._control: list[bytes] = []
+        self._bpf[b"events"].open_ring_buffer(self._on_event)
+        self._bpf[b"control"].open_ring_buffer(self._on_control)
+        self._tgids = self._bpf[b"traced_tgids"]
+        self._cgroups = self._bpf[b"traced_cgroups"]
+        self._ports = self._bpf[b"traced_ports"]
+        self._fds = self._bpf[b"fds"]
+        self._closed = False
+
+    # -- ring buffers ------------------------------------------------------------------
+
+    def _on_event(self, _ctx: object, data: int, size: int) -> None:
+        self._records.append(ctypes.string_at(data, size))
+
+    def _on_control(self, _ctx: object, data: int, size: int) -> None:
+        self._control.append(ctypes.string_at(data, size))
+
+    def drain(self) -> tuple[list[bytes], list[bytes]]:
+        """Everything submitted so far: (event records, control records)."""
+        self._bpf.ring_buffer_consume()
+        records, self._records = self._records, []
+        control, self._control = self._control, []
+        return records, control
+
+    # -- targets, updated live -----------------------------------------------------------
+
+    def add_tgid(self, tgid: int) -> None:
+        self._tgids[ctypes.c_uint32(tgid)] = ctypes.c_uint8(1)
+
+    def remove_tgid(self, tgid: int) -> None:
+        with contextlib.suppress(KeyError):
+            del self._tgids[ctypes.c_uint32(tgid)]
+
+    def traced_tgids(self) -> set[int]:
+        return {k.value for k in self._tgids}
+
+    def add_cgroup(self, cgroup_id: int) -> None:
+        self._cgroups[ctypes.c_uint64(cgroup_id)] = ctypes.c_uint8(1)
+
+    def remove_cgroup(self, cgroup_id: int) -> None:
+        with contextlib.suppress(KeyError):
+            del self._cgroups[ctypes.c_uint64(cgroup_id)]
+
+    def add_port(self, port: int) -> None:
+        # The tracepoint reports ports in host order.
+        self._ports[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+
+    def watch_exec(self, on: bool) -> None:
+        self._bpf[b"config"][ctypes.c_int(0)] = ctypes.c_uint64(1 if on else 0)
+
+    def set_fd_type(self, tgid: int, fd: int, fdtype: int) -> None:
+        """Teach the kernel what an fd it has not seen created is (``abi.FD_*``)."""
+        key = self._fds.Key(tgid, fd)
+        if self._fds.get(key) is not None:
+            return  # the kernel saw it created (or already learned it): its state wins
+        leaf = self._fds.Leaf()
+        leaf.type = fdtype
+        with contextlib.suppress(Exception):  # a full map only costs filtering
+            self._fds[key] = leaf
+
+    # -- counters ------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per kind, the counters summed over CPUs; kinds with all zeros are left out."""
+        table = self._bpf[b"counters"]
+        out: dict[str, dict[str, int]] = {}
+        for kind, kname in abi.KIND_NAMES.items():
+            row = {}
+            for cname, c in abi.COUNTERS.items():
+                row[cname] = sum(table.getvalue(kind * abi.COUNTER_MAX + c))
+            if any(row.values()):
+                out[kname] = row
+        return out
+
+    def detach(self) -> None:
+        """Stop producing events; maps and buffers stay readable for a final drain."""
+        for tp in self._attached:
+            with contextlib.suppress(Exception):
+                self._bpf.detach_tracepoint(tp=tp.encode())
+        self._attached.clear()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._bpf.cleanup()
+
+
+ProbeFactory = Callable[[ProbeConfig], Probes]

@@ -1,0 +1,200 @@
+"""The node agent's tracing loop: targets in, attributed events out."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from agent import abi, preflight
+from agent.clock import WallClock
+from agent.decode import Decoder
+from agent.extract import QueryIdExtractor
+from agent.fdresolve import FdResolver
+from agent.probes import ProbeConfig, Probes
+from agent.sink import EventSink
+from agent.targets import TargetResolver, TargetSpec, proc_comm
+from qtrace.errors import QtraceError
+
+
+class Tracer:
+    """Loads the probes, keeps the kernel's target maps current, drains and decodes.
+
+    Use as a context manager: probes are detached on exit however it is left (and by the
+    kernel if this process dies, since every attachment is one of its file descriptors)."""
+
+    def __init__(
+        self,
+        spec: TargetSpec,
+        sink: EventSink,
+        extractor: QueryIdExtractor | None = None,
+        probe_config: ProbeConfig | None = None,
+        drain_interval: float = 0.01,
+        rescan_interval: float = 1.0,
+    ) -> None:
+        self.spec = spec
+        self.sink = sink
+        self.extractor = extractor or QueryIdExtractor.header()
+        self.probe_config = probe_config or ProbeConfig()
+        self.drain_interval = drain_interval
+        self.rescan_interval = rescan_interval
+        self.stop_event = threading.Event()
+        # poll() and target changes may come from different threads (the API's add_pid).
+        self._lock = threading.RLock()
+        self._target_added = threading.Condition(self._lock)
+        self._probes: Probes | None = None
+        self._targets: set[int] = set()
+        self._cgroups: set[int] = set()
+        self._ports: set[int] = set()
+        self._last_scan = 0.0
+        self._final_counters: dict[str, dict[str, int]] | None = None
+        self.events_out = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Tracer:
+        preflight.check()
+        self.spec.validate()
+        self._resolver_targets = TargetResolver(self.spec)
+        try:
+            self._probes = Probes(self.probe_config)
+        except Exception as e:  # BCC reports compile/load failures as bare Exceptions
+            raise QtraceError(
+                f"the kernel refused qtrace's BPF programs ({e})",
+                "check `dmesg`, kernel headers (`make setup`) and that BPF is enabled",
+            ) from e
+        probes = self._probes
+        self._fds = FdResolver(teach=probes.set_fd_type)
+        self._decoder = Decoder(self.extractor, self._fds, WallClock())
+        if self.spec.comms:
+            probes.watch_exec(True)
+        self.rescan()
+        return self
+
+    def __enter__(self) -> Tracer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach, drain what is left, then free the kernel side."""
+        if self._probes is None:
+            return
+        probes = self._probes
+        try:
+            probes.detach()
+            self.poll()
+            self._final_counters = probes.counters()
+        finally:
+            probes.close()
+            self._fds.close()
+            self.sink.close()
+            self._probes = None
+
+    # -- targets ---------------------------------------------------------------------------
+
+    def add_pid(self, pid: int) -> None:
+        """Trace one more process from now on (no restart)."""
+        if not os.path.exists(f"/proc/{pid}"):
+            raise QtraceError(f"no process with pid {pid}", f"check it is running (ps -p {pid})")
+        self._add_tgid(pid)
+
+    def _add_tgid(self, pid: int) -> None:
+        assert self._probes is not None
+        with self._lock:
+            if pid == os.getpid() or pid in self._targets:
+                return  # never trace ourselves: every drain would produce more events
+            self._probes.add_tgid(pid)
+            self._targets.add(pid)
+            for port in self._fds.listen_ports(pid) - self._ports:
+                self._probes.add_port(port)
+                self._ports.add(port)
+            self._target_added.notify_all()
+
+    def wait_for_target(self, pid: int, timeout: float) -> bool:
+        """Block until pid is traced (found by name or cgroup on a later scan, say)."""
+        with self._lock:
+            return self._target_added.wait_for(lambda: pid in self._targets, timeout)
+
+    def rescan(self) -> None:
+        with self._lock:
+            self._rescan()
+
+    def _rescan(self) -> None:
+        assert self._probes is not None
+        self._last_scan = time.monotonic()
+        live = self._resolver_targets.tgids()
+        for pid in live:
+            self._add_tgid(pid)
+        for pid in self._targets - live:
+            if not os.path.exists(f"/proc/{pid}"):
+                self._probes.remove_tgid(pid)
+                self._fds.forget_process(pid)
+                self._targets.discard(pid)
+        cgroups = self._resolver_targets.cgroup_ids()
+        for cg in cgroups - self._cgroups:
+            self._probes.add_cgroup(cg)
+        for cg in self._cgroups - cgroups:
+            self._probes.remove_cgroup(cg)
+        self._cgroups = cgroups
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """One drain cycle; returns how many events went to the sink."""
+        with self._lock:
+            return self._poll()
+
+    def _poll(self) -> int:
+        assert self._probes is not None
+        records, control = self._probes.drain()
+        for rec in control:
+            pid, comm = self._decoder.decode_exec(rec)
+            if self._resolver_targets.matches_comm(comm or proc_comm(pid) or ""):
+                self._add_tgid(pid)
+        self._fds.new_cycle()
+        decode = self._decoder.decode
+        events = [e for e in map(decode, records) if e is not None]
+        self.sink.write(events)
+        self.events_out += len(events)
+        return len(events)
+
+    def run(self, duration: float | None = None) -> None:
+        deadline = None if duration is None else time.monotonic() + duration
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            self.poll()
+            if now - self._last_scan >= self.rescan_interval:
+                self.rescan()
+                self._decoder.clock.maybe_refresh()
+            timeout = self.drain_interval
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            self.stop_event.wait(timeout)
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        counters = self._final_counters
+        if counters is None:
+            counters = self._probes.counters() if self._probes else {}
+        received: Counter[str] = self._decoder.received
+        kinds: dict[str, dict[str, int]] = {}
+        for kind in sorted(set(counters) | set(received)):
+            row = dict.fromkeys(abi.COUNTERS, 0) | counters.get(kind, {})
+            row["received"] = received.get(kind, 0)
+            kinds[kind] = row
+        lost = sum(r["lost_ringbuf"] + r["lost_mapfull"] for r in kinds.values())
+        return {
+            "produced": sum(r["produced"] for r in kinds.values()),
+            "received": sum(received.values()),
+            "lost": lost,
+            "written": self.events_out,
+            "kinds": kinds,
+            "targets": sorted(self._targets),
+        }

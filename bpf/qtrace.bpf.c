@@ -1,0 +1,582 @@
+/* qtrace node probes (BCC). Tracepoints only: kprobes and fentry do not work on the kernels
+ * qtrace targets. Kernel structs are never read (the available headers do not match the
+ * running kernel); everything comes from tracepoint args and helpers.
+ *
+ * Cost discipline: an untraced task pays two hash lookups per traced syscall and leaves.
+ * Events of traced tasks are reserved in a ring buffer and submitted without a wakeup; the
+ * agent drains it on a timer. Every place an event can be lost is counted per kind.
+ */
+#define QT_BPF 1
+#include <uapi/linux/ptrace.h>
+#include "qtrace.h"
+
+#ifndef QT_RB_PAGES
+#define QT_RB_PAGES 1024
+#endif
+#ifndef QT_MAX_THREADS
+#define QT_MAX_THREADS 65536
+#endif
+#ifndef QT_MAX_FDS
+#define QT_MAX_FDS 262144
+#endif
+
+#define QT_EINPROGRESS 115
+#define QT_TCP_CLOSE 7
+#define QT_SOCKADDR_BYTES 28
+
+struct qt_inflight {
+	u64 ts;
+	u64 arg0;
+	u64 arg1;
+	u64 p0; /* user pointers read at exit (buffers, paths, sockaddrs) */
+	u64 p1;
+	s32 fd;
+	u16 kind;
+	u8 fdtype;
+	u8 _pad;
+};
+
+struct qt_thread {
+	u64 req_key;
+	u32 flags;
+	u32 _pad;
+};
+
+struct qt_blkkey {
+	u64 sector;
+	u32 dev;
+	u32 _pad;
+};
+
+struct qt_blkinfo {
+	u64 ts;
+	u64 req_key;
+	u64 cgroup_id;
+	u32 tgid;
+	u32 tid;
+	char comm[16];
+};
+
+/* Targets, updated live by the agent. tgid values: 1 = named by the agent, 2 = followed
+ * into a child the kernel saw being created. */
+BPF_HASH(traced_tgids, u32, u8, 16384);
+BPF_HASH(traced_cgroups, u64, u8, 16384);
+BPF_HASH(traced_ports, u16, u8, 1024);   /* listening ports of traced tasks */
+BPF_HASH(traced_socks, u64, u32, 65536); /* struct sock * -> tgid */
+BPF_ARRAY(config, u64, 4);               /* [0]: report execs (for name targets) */
+
+BPF_HASH(inflight, u32, struct qt_inflight, QT_MAX_THREADS);
+BPF_HASH(threads, u32, struct qt_thread, QT_MAX_THREADS);
+BPF_HASH(fds, struct qt_fdkey, struct qt_fdinfo, QT_MAX_FDS);
+BPF_HASH(blk, struct qt_blkkey, struct qt_blkinfo, 8192);
+BPF_ARRAY(keyseq, u64, 1);
+BPF_PERCPU_ARRAY(counters, u64, QT_K_MAX * QT_C_MAX);
+
+BPF_RINGBUF_OUTPUT(events, QT_RB_PAGES);
+/* Control records (execs) travel apart so that a flood of data cannot drown them. */
+BPF_RINGBUF_OUTPUT(control, 16);
+
+static __always_inline void count(u16 kind, int c)
+{
+	int idx = kind * QT_C_MAX + c;
+	u64 *v = counters.lookup(&idx);
+	if (v)
+		(*v)++;
+}
+
+static __always_inline int traced(u32 tgid)
+{
+	if (traced_tgids.lookup(&tgid))
+		return 1;
+	u64 cg = bpf_get_current_cgroup_id();
+	return traced_cgroups.lookup(&cg) != 0;
+}
+
+static __always_inline struct qt_event *reserve(u16 kind, int big)
+{
+	struct qt_event *e;
+	count(kind, QT_C_PRODUCED);
+	if (big)
+		e = events.ringbuf_reserve(sizeof(struct qt_event) + QT_CAP_BYTES);
+	else
+		e = events.ringbuf_reserve(sizeof(struct qt_event));
+	if (!e)
+		count(kind, QT_C_LOST_RINGBUF);
+	return e;
+}
+
+static __always_inline void fill_task(struct qt_event *e, u64 id)
+{
+	e->tgid = id >> 32;
+	e->tid = (u32)id;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+	e->record = QT_R_EVENT;
+	e->payload_len = 0;
+	e->payload_kind = QT_P_NONE;
+}
+
+static __always_inline int is_fd_kind(u16 kind)
+{
+	return kind >= QT_K_READ && kind <= QT_K_SENDMSG;
+}
+
+static __always_inline int is_read_kind(u16 kind)
+{
+	return kind >= QT_K_READ && kind <= QT_K_RECVMSG;
+}
+
+/* ---- syscall enter: remember the arguments until the exit ---- */
+
+static __always_inline int on_enter(u16 kind, s32 fd, u64 a0, u64 a1, u64 p0, u64 p1)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32, tid = (u32)id;
+	if (!traced(tgid))
+		return 0;
+
+	u8 fdtype = QT_FD_UNKNOWN;
+	if (fd >= 0) {
+		struct qt_fdkey k = {.tgid = tgid, .fd = fd};
+		struct qt_fdinfo *fi = fds.lookup(&k);
+		if (fi)
+			fdtype = fi->type;
+		/* Pipes, eventfds and ttys carry no query work; the agent marks them once. */
+		if (fdtype == QT_FD_OTHER && (is_fd_kind(kind) || kind == QT_K_CLOSE)) {
+			count(kind, QT_C_FILTERED);
+			if (kind == QT_K_CLOSE)
+				fds.delete(&k);
+			return 0;
+		}
+		/* The fd number is free once close starts; forget it before anyone reuses it. */
+		if (kind == QT_K_CLOSE && fi)
+			fds.delete(&k);
+	}
+
+	struct qt_inflight f = {};
+	f.ts = bpf_ktime_get_ns();
+	f.arg0 = a0;
+	f.arg1 = a1;
+	f.p0 = p0;
+	f.p1 = p1;
+	f.fd = fd;
+	f.kind = kind;
+	f.fdtype = fdtype;
+	if (inflight.update(&tid, &f)) {
+		count(kind, QT_C_PRODUCED);
+		count(kind, QT_C_LOST_MAPFULL);
+	}
+	return 0;
+}
+
+/* ---- request attribution (DESIGN.md, Attribution) ---- */
+
+static __always_inline u64 new_key(void)
+{
+	int z = 0;
+	u64 *seq = keyseq.lookup(&z);
+	if (!seq)
+		return 0;
+	return __sync_fetch_and_add(seq, 1) + 1;
+}
+
+static __always_inline void set_thread_key(u32 tid, u64 key, u32 flags)
+{
+	struct qt_thread t = {.req_key = key, .flags = flags};
+	threads.update(&tid, &t);
+}
+
+/* Pointer to the first buffer of a read, following iovecs and msghdrs. */
+static __always_inline u64 first_buffer(u16 kind, u64 p0, u64 *cap)
+{
+	u64 vec = p0;
+	if (kind == QT_K_RECVMSG) {
+		/* struct user_msghdr: msg_iov at offset 16 (stable UAPI layout). */
+		if (bpf_probe_read_user(&vec, sizeof(vec), (void *)(p0 + 16)))
+			return 0;
+	}
+	if (kind == QT_K_READV || kind == QT_K_RECVMSG) {
+		u64 iov[2];
+		if (bpf_probe_read_user(iov, sizeof(iov), (void *)vec))
+			return 0;
+		if (iov[1] < *cap)
+			*cap = iov[1];
+		return iov[0];
+	}
+	return p0;
+}
+
+/* ---- syscall exit: build and submit the event ---- */
+
+static __always_inline int on_exit(u16 exit_kind, long ret)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32, tid = (u32)id;
+	struct qt_inflight *fp = inflight.lookup(&tid);
+	struct qt_inflight f = {};
+	u8 no_enter = 0;
+	if (fp) {
+		f = *fp;
+		inflight.delete(&tid);
+	}
+	if (f.kind != exit_kind) {
+		/* An enter we missed (the syscall began before tracing did). Only an accept
+		 * still tells us something: the fd it returns is a connection requests arrive on.
+		 */
+		if (!(exit_kind == QT_K_ACCEPT || exit_kind == QT_K_ACCEPT4) || !traced(tgid))
+			return 0;
+		no_enter = QT_F_NO_ENTER;
+		f.kind = exit_kind;
+		f.ts = bpf_ktime_get_ns();
+		f.fd = -1;
+		f.arg0 = (u64)-1;
+	}
+
+	u16 kind = f.kind;
+	s32 fd = f.fd;
+	u8 fdtype = f.fdtype;
+	u8 flags = 0;
+	u64 key = 0;
+	struct qt_fdinfo *fi = 0;
+	struct qt_fdkey k = {.tgid = tgid, .fd = fd};
+
+	/* New fds: record what they are so later syscalls on them can be classified. */
+	if ((kind == QT_K_ACCEPT || kind == QT_K_ACCEPT4 || kind == QT_K_OPENAT) && ret >= 0) {
+		struct qt_fdinfo nfi = {};
+		nfi.type = kind == QT_K_OPENAT ? QT_FD_FILE : QT_FD_SOCK_IN;
+		k.fd = (s32)ret;
+		fds.update(&k, &nfi);
+		fd = (s32)ret;
+		fdtype = nfi.type;
+	} else if (kind == QT_K_CONNECT && (ret == 0 || ret == -QT_EINPROGRESS)) {
+		struct qt_fdinfo nfi = {};
+		nfi.type = QT_FD_SOCK_OUT;
+		fds.update(&k, &nfi);
+		fdtype = QT_FD_SOCK_OUT;
+	}
+
+	struct qt_thread *th = threads.lookup(&tid);
+	if (th) {
+		key = th->req_key;
+		flags = th->flags & QT_F_INFERRED;
+	}
+
+	int start = 0;
+	if (fdtype == QT_FD_SOCK_IN && is_fd_kind(kind)) {
+		fi = fds.lookup(&k);
+		if (fi && ret > 0) {
+			if (is_read_kind(kind)) {
+				if (fi->last_dir != 1 || fi->req_key == 0) {
+					/* A read after a write (or the first read) starts a request. */
+					fi->req_key = new_key();
+					start = 1;
+				}
+				fi->last_dir = 1;
+				if (!th || th->req_key != fi->req_key || (th->flags & QT_F_INFERRED))
+					set_thread_key(tid, fi->req_key, 0);
+				flags = 0;
+			} else {
+				fi->last_dir = 2;
+			}
+		}
+		if (fi && fi->req_key)
+			key = fi->req_key;
+	}
+
+	int big = start || kind == QT_K_ACCEPT || kind == QT_K_ACCEPT4 ||
+		  kind == QT_K_CONNECT || kind == QT_K_OPENAT || kind == QT_K_RENAME ||
+		  kind == QT_K_RENAMEAT2 || kind == QT_K_UNLINK || kind == QT_K_UNLINKAT;
+	struct qt_event *e = reserve(kind, big);
+	if (!e)
+		return 0;
+	fill_task(e, id);
+	e->ts_enter = f.ts;
+	e->ts_exit = bpf_ktime_get_ns();
+	e->req_key = key;
+	e->ret = ret;
+	e->arg0 = f.arg0;
+	e->arg1 = f.arg1;
+	e->fd = fd;
+	e->kind = kind;
+	e->fdtype = fdtype;
+	e->flags = flags | (start ? QT_F_REQ_START : 0) | no_enter;
+
+	if (big) {
+		u8 *pl = (u8 *)(e + 1);
+		if (start) {
+			u64 cap = QT_CAP_BYTES;
+			if ((u64)ret < cap)
+				cap = ret;
+			u64 buf = first_buffer(kind, f.p0, &cap);
+			if (cap > QT_CAP_BYTES)
+				cap = QT_CAP_BYTES;
+			if (buf && bpf_probe_read_user(pl, cap, (void *)buf) == 0)
+				e->payload_len = cap;
+			e->payload_kind = QT_P_REQUEST;
+		} else if (kind == QT_K_RENAME || kind == QT_K_RENAMEAT2) {
+			bpf_probe_read_user_str(pl, QT_CAP_BYTES / 2, (void *)f.p0);
+			bpf_probe_read_user_str(pl + QT_CAP_BYTES / 2, QT_CAP_BYTES / 2, (void *)f.p1);
+			e->payload_len = QT_CAP_BYTES;
+			e->payload_kind = QT_P_PATH2;
+		} else if (kind == QT_K_OPENAT || kind == QT_K_UNLINK || kind == QT_K_UNLINKAT) {
+			long n = bpf_probe_read_user_str(pl, QT_CAP_BYTES, (void *)f.p0);
+			e->payload_len = n > 0 ? n : 0;
+			e->payload_kind = QT_P_PATH;
+		} else if (f.p0) { /* accept, connect: the peer's address */
+			if (bpf_probe_read_user(pl, QT_SOCKADDR_BYTES, (void *)f.p0) == 0) {
+				e->payload_len = QT_SOCKADDR_BYTES;
+				e->payload_kind = QT_P_SOCKADDR;
+			}
+		}
+	}
+	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	return 0;
+}
+
+/* ---- syscall tracepoints ---- */
+
+#define QT_EXIT(name, KIND)                                                              \
+	int qt_x_##name(struct tracepoint__syscalls__sys_exit_##name *args)              \
+	{                                                                                \
+		return on_exit(KIND, args->ret);                                        \
+	}
+
+#define QT_FD_SYSCALL(name, KIND, fdf, a0, a1, p0)                                       \
+	int qt_e_##name(struct tracepoint__syscalls__sys_enter_##name *args)             \
+	{                                                                                \
+		return on_enter(KIND, (s32)args->fdf, a0, a1, (u64)(p0), 0);            \
+	}                                                                                \
+	QT_EXIT(name, KIND)
+
+QT_FD_SYSCALL(accept, QT_K_ACCEPT, fd, args->fd, 0, args->upeer_sockaddr)
+QT_FD_SYSCALL(accept4, QT_K_ACCEPT4, fd, args->fd, 0, args->upeer_sockaddr)
+QT_FD_SYSCALL(connect, QT_K_CONNECT, fd, 0, 0, args->uservaddr)
+QT_FD_SYSCALL(read, QT_K_READ, fd, 0, args->count, args->buf)
+QT_FD_SYSCALL(readv, QT_K_READV, fd, 0, args->vlen, args->vec)
+QT_FD_SYSCALL(recvfrom, QT_K_RECVFROM, fd, 0, args->size, args->ubuf)
+QT_FD_SYSCALL(recvmsg, QT_K_RECVMSG, fd, 0, 0, args->msg)
+QT_FD_SYSCALL(write, QT_K_WRITE, fd, 0, args->count, 0)
+QT_FD_SYSCALL(writev, QT_K_WRITEV, fd, 0, args->vlen, 0)
+QT_FD_SYSCALL(sendto, QT_K_SENDTO, fd, 0, args->len, 0)
+QT_FD_SYSCALL(sendmsg, QT_K_SENDMSG, fd, 0, 0, 0)
+QT_FD_SYSCALL(sendfile64, QT_K_SENDFILE64, out_fd, args->in_fd, args->count, 0)
+QT_FD_SYSCALL(splice, QT_K_SPLICE, fd_out, args->fd_in, args->len, 0)
+QT_FD_SYSCALL(close, QT_K_CLOSE, fd, 0, 0, 0)
+QT_FD_SYSCALL(openat, QT_K_OPENAT, dfd, args->dfd, args->flags, args->filename)
+QT_FD_SYSCALL(pread64, QT_K_PREAD64, fd, args->pos, args->count, 0)
+QT_FD_SYSCALL(preadv, QT_K_PREADV, fd, args->pos_l, args->vlen, 0)
+QT_FD_SYSCALL(pwrite64, QT_K_PWRITE64, fd, args->pos, args->count, 0)
+QT_FD_SYSCALL(pwritev, QT_K_PWRITEV, fd, args->pos_l, args->vlen, 0)
+QT_FD_SYSCALL(fsync, QT_K_FSYNC, fd, 0, 0, 0)
+QT_FD_SYSCALL(fdatasync, QT_K_FDATASYNC, fd, 0, 0, 0)
+QT_FD_SYSCALL(ftruncate, QT_K_FTRUNCATE, fd, args->length, 0, 0)
+QT_FD_SYSCALL(unlinkat, QT_K_UNLINKAT, dfd, args->flag, 0, args->pathname)
+
+int qt_e_rename(struct tracepoint__syscalls__sys_enter_rename *args)
+{
+	return on_enter(QT_K_RENAME, -1, 0, 0, (u64)args->oldname, (u64)args->newname);
+}
+QT_EXIT(rename, QT_K_RENAME)
+
+int qt_e_renameat2(struct tracepoint__syscalls__sys_enter_renameat2 *args)
+{
+	return on_enter(QT_K_RENAMEAT2, args->olddfd, args->flags, args->newdfd,
+			(u64)args->oldname, (u64)args->newname);
+}
+QT_EXIT(renameat2, QT_K_RENAMEAT2)
+
+int qt_e_unlink(struct tracepoint__syscalls__sys_enter_unlink *args)
+{
+	return on_enter(QT_K_UNLINK, -1, 0, 0, (u64)args->pathname, 0);
+}
+QT_EXIT(unlink, QT_K_UNLINK)
+
+/* ---- task lifecycle: follow request threads, follow children, forget the dead ---- */
+
+int qt_fork(struct tracepoint__sched__sched_process_fork *args)
+{
+	u32 parent = args->parent_pid, child = args->child_pid;
+	struct qt_thread *t = threads.lookup(&parent);
+	if (t && t->req_key)
+		set_thread_key(child, t->req_key, QT_F_INFERRED);
+	u32 ptgid = bpf_get_current_pid_tgid() >> 32;
+	if (traced_tgids.lookup(&ptgid)) {
+		u8 followed = 2;
+		traced_tgids.insert(&child, &followed);
+	}
+	return 0;
+}
+
+int qt_exit(struct tracepoint__sched__sched_process_exit *args)
+{
+	u32 tid = args->pid;
+	threads.delete(&tid);
+	inflight.delete(&tid);
+	u8 *v = traced_tgids.lookup(&tid);
+	if (v && *v == 2)
+		traced_tgids.delete(&tid);
+	/* The whole process is gone: its pid may be reused by an unrelated process. */
+	if (args->group_dead) {
+		u32 tgid = bpf_get_current_pid_tgid() >> 32;
+		traced_tgids.delete(&tgid);
+	}
+	return 0;
+}
+
+int qt_exec(struct tracepoint__sched__sched_process_exec *args)
+{
+	int z = 0;
+	u64 *on = config.lookup(&z);
+	if (!on || !*on)
+		return 0;
+	struct qt_event *e = control.ringbuf_reserve(sizeof(struct qt_event));
+	if (!e)
+		return 0; /* the agent rescans /proc periodically, so a lost exec is only late */
+	__builtin_memset(e, 0, sizeof(*e));
+	fill_task(e, bpf_get_current_pid_tgid());
+	e->kind = QT_K_EXEC;
+	e->ts_enter = e->ts_exit = bpf_ktime_get_ns();
+	e->fd = -1;
+	control.ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* ---- TCP state and retransmits (often in softirq: match by socket, not by task) ---- */
+
+static __always_inline int tcp_event(u16 kind, u64 sk, u16 family, u16 sport, u16 dport,
+				      const u8 *saddr, const u8 *daddr, const u8 *saddr6,
+				      const u8 *daddr6, u64 a0, u64 a1)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32;
+	u32 owner = 0;
+	u32 *known = traced_socks.lookup(&sk);
+	if (known) {
+		owner = *known;
+	} else if (traced(tgid)) {
+		owner = tgid;
+		traced_socks.update(&sk, &owner);
+	} else if (!traced_ports.lookup(&sport)) {
+		return 0;
+	}
+	if (kind == QT_K_INET_SOCK_SET_STATE && a1 == QT_TCP_CLOSE)
+		traced_socks.delete(&sk);
+
+	struct qt_event *e = reserve(kind, 1);
+	if (!e)
+		return 0;
+	fill_task(e, id);
+	if (owner != tgid) { /* softirq on someone else's time: do not blame that task */
+		e->tgid = owner;
+		e->tid = 0;
+		__builtin_memset(e->comm, 0, sizeof(e->comm));
+	}
+	e->ts_enter = e->ts_exit = bpf_ktime_get_ns();
+	e->req_key = 0;
+	e->flags = 0;
+	if (owner == tgid) {
+		u32 tid = (u32)id;
+		struct qt_thread *th = threads.lookup(&tid);
+		if (th) {
+			e->req_key = th->req_key;
+			e->flags = th->flags & QT_F_INFERRED;
+		}
+	}
+	e->ret = 0;
+	e->arg0 = a0;
+	e->arg1 = a1;
+	e->fd = -1;
+	e->kind = kind;
+	e->fdtype = QT_FD_UNKNOWN;
+	struct qt_tuple *t = (struct qt_tuple *)(e + 1);
+	t->family = family;
+	t->sport = sport;
+	t->dport = dport;
+	t->_pad = 0;
+	if (family == 2) { /* AF_INET */
+		__builtin_memset(t->saddr, 0, 16);
+		__builtin_memset(t->daddr, 0, 16);
+		bpf_probe_read_kernel(t->saddr, 4, saddr);
+		bpf_probe_read_kernel(t->daddr, 4, daddr);
+	} else {
+		bpf_probe_read_kernel(t->saddr, 16, saddr6);
+		bpf_probe_read_kernel(t->daddr, 16, daddr6);
+	}
+	e->payload_len = sizeof(struct qt_tuple);
+	e->payload_kind = QT_P_TUPLE;
+	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	return 0;
+}
+
+int qt_sockstate(struct tracepoint__sock__inet_sock_set_state *args)
+{
+	if (args->protocol != 6) /* IPPROTO_TCP */
+		return 0;
+	return tcp_event(QT_K_INET_SOCK_SET_STATE, (u64)args->skaddr, args->family, args->sport,
+			 args->dport, args->saddr, args->daddr, args->saddr_v6, args->daddr_v6,
+			 args->oldstate, args->newstate);
+}
+
+int qt_retransmit(struct tracepoint__tcp__tcp_retransmit_skb *args)
+{
+	return tcp_event(QT_K_TCP_RETRANSMIT_SKB, (u64)args->skaddr, args->family, args->sport,
+			 args->dport, args->saddr, args->daddr, args->saddr_v6, args->daddr_v6,
+			 args->state, 0);
+}
+
+/* ---- block I/O: issue in the submitter's context, completion usually in an interrupt ---- */
+
+int qt_blk_issue(struct tracepoint__block__block_rq_issue *args)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32, tid = (u32)id;
+	if (!traced(tgid))
+		return 0;
+	struct qt_blkkey k = {.sector = args->sector, .dev = args->dev};
+	struct qt_blkinfo b = {};
+	b.ts = bpf_ktime_get_ns();
+	b.tgid = tgid;
+	b.tid = tid;
+	b.cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(&b.comm, sizeof(b.comm));
+	struct qt_thread *th = threads.lookup(&tid);
+	if (th)
+		b.req_key = th->req_key;
+	if (blk.update(&k, &b)) {
+		count(QT_K_BLOCK_RQ, QT_C_PRODUCED);
+		count(QT_K_BLOCK_RQ, QT_C_LOST_MAPFULL);
+	}
+	return 0;
+}
+
+int qt_blk_complete(struct tracepoint__block__block_rq_complete *args)
+{
+	struct qt_blkkey k = {.sector = args->sector, .dev = args->dev};
+	struct qt_blkinfo *bp = blk.lookup(&k);
+	if (!bp)
+		return 0;
+	struct qt_blkinfo b = *bp;
+	blk.delete(&k);
+	struct qt_event *e = reserve(QT_K_BLOCK_RQ, 0);
+	if (!e)
+		return 0;
+	e->ts_enter = b.ts;
+	e->ts_exit = bpf_ktime_get_ns();
+	e->cgroup_id = b.cgroup_id;
+	e->req_key = b.req_key;
+	e->ret = args->error;
+	e->arg0 = args->sector;
+	e->arg1 = ((u64)args->dev << 32) | args->nr_sector;
+	e->tgid = b.tgid;
+	e->tid = b.tid;
+	e->fd = -1;
+	e->kind = QT_K_BLOCK_RQ;
+	e->fdtype = QT_FD_UNKNOWN;
+	e->flags = 0;
+	e->payload_len = 0;
+	e->payload_kind = QT_P_NONE;
+	e->record = QT_R_EVENT;
+	__builtin_memcpy(e->comm, b.comm, sizeof(e->comm));
+	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	return 0;
+}

@@ -1,0 +1,145 @@
+/* qtrace: everything shared between the BPF programs and user space.
+ *
+ * This header is the single definition of the event ABI. agent/abi.py derives the enums
+ * from it by parsing, and mirrors the structs; tests/test_abi.py compiles this header with
+ * the host compiler and checks every offset and size against the Python side.
+ */
+#ifndef QTRACE_H
+#define QTRACE_H
+
+#ifndef QT_BPF
+#include <stdint.h>
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+typedef int32_t s32;
+typedef int64_t s64;
+#endif
+
+/* Bytes of a request's first read handed to the query-id extractor (overridable with -D). */
+#ifndef QT_CAP_BYTES
+#define QT_CAP_BYTES 256
+#endif
+
+/* Event kinds: the syscall or tracepoint an event comes from. */
+enum qt_kind {
+	QT_K_NONE = 0,
+	QT_K_ACCEPT = 1,
+	QT_K_ACCEPT4 = 2,
+	QT_K_CONNECT = 3,
+	QT_K_READ = 4,
+	QT_K_READV = 5,
+	QT_K_RECVFROM = 6,
+	QT_K_RECVMSG = 7,
+	QT_K_WRITE = 8,
+	QT_K_WRITEV = 9,
+	QT_K_SENDTO = 10,
+	QT_K_SENDMSG = 11,
+	QT_K_SENDFILE64 = 12,
+	QT_K_SPLICE = 13,
+	QT_K_CLOSE = 14,
+	QT_K_OPENAT = 15,
+	QT_K_PREAD64 = 16,
+	QT_K_PREADV = 17,
+	QT_K_PWRITE64 = 18,
+	QT_K_PWRITEV = 19,
+	QT_K_FSYNC = 20,
+	QT_K_FDATASYNC = 21,
+	QT_K_RENAME = 22,
+	QT_K_RENAMEAT2 = 23,
+	QT_K_FTRUNCATE = 24,
+	QT_K_UNLINK = 25,
+	QT_K_UNLINKAT = 26,
+	QT_K_INET_SOCK_SET_STATE = 27,
+	QT_K_TCP_RETRANSMIT_SKB = 28,
+	QT_K_BLOCK_RQ = 29,
+	QT_K_EXEC = 30,
+	QT_K_MAX = 31,
+};
+
+/* What an fd is, as far as the kernel side knows (user space teaches it the rest). */
+enum qt_fdtype {
+	QT_FD_UNKNOWN = 0,
+	QT_FD_SOCK_IN = 1,  /* accepted: requests arrive on it */
+	QT_FD_SOCK_OUT = 2, /* connected: sub-requests leave on it */
+	QT_FD_SOCK = 3,     /* a socket of no known direction */
+	QT_FD_FILE = 4,     /* a regular file */
+	QT_FD_OTHER = 5,    /* pipe, eventfd, tty...: suppressed in the kernel */
+};
+
+/* Event flags. */
+enum qt_flag {
+	QT_F_REQ_START = 1, /* this read started a new request (payload holds its first bytes) */
+	QT_F_INFERRED = 2,  /* request key inherited by a thread the request thread created */
+	QT_F_NO_ENTER = 4,  /* exit seen without its enter: timestamps are the exit's */
+};
+
+/* Payload kinds: what follows struct qt_event when payload_len > 0. */
+enum qt_payload {
+	QT_P_NONE = 0,
+	QT_P_REQUEST = 1,  /* first bytes of a request */
+	QT_P_PATH = 2,     /* NUL-terminated path */
+	QT_P_PATH2 = 3,    /* two NUL-terminated paths at 0 and QT_CAP_BYTES/2 (rename) */
+	QT_P_SOCKADDR = 4, /* raw struct sockaddr from connect/accept */
+	QT_P_TUPLE = 5,    /* struct qt_tuple from a TCP tracepoint */
+};
+
+/* Counters, per kind and per CPU: index kind * QT_C_MAX + counter. */
+enum qt_counter {
+	QT_C_PRODUCED = 0,     /* events due to leave the kernel */
+	QT_C_LOST_RINGBUF = 1, /* ...lost because the ring buffer was full */
+	QT_C_LOST_MAPFULL = 2, /* ...lost because a tracking map was full */
+	QT_C_FILTERED = 3,     /* syscalls suppressed on fds of no interest (not a loss) */
+	QT_C_MAX = 4,
+};
+
+/* Record kinds in the ring buffers. */
+enum qt_record {
+	QT_R_EVENT = 1,
+};
+
+struct qt_event {
+	u64 ts_enter;  /* bpf_ktime_get_ns() at syscall enter (CLOCK_MONOTONIC) */
+	u64 ts_exit;   /* at syscall exit; block I/O: issue and completion */
+	u64 cgroup_id; /* cgroup v2 id of the task */
+	u64 req_key;   /* kernel-assigned request key, 0 = none */
+	s64 ret;       /* syscall return value; tracepoints: kind-specific */
+	u64 arg0;      /* kind-specific: file offset, block sector, other fd, old TCP state */
+	u64 arg1;      /* kind-specific: byte count, block dev/size, new TCP state */
+	u32 tgid;
+	u32 tid;
+	s32 fd;
+	u16 kind;    /* enum qt_kind */
+	u8 fdtype;   /* enum qt_fdtype */
+	u8 flags;    /* enum qt_flag */
+	u16 payload_len;
+	u16 payload_kind; /* enum qt_payload */
+	u32 record;       /* enum qt_record */
+	char comm[16];
+};
+
+/* Addresses from TCP tracepoints, IPv4 in the first 4 bytes of the address arrays. */
+struct qt_tuple {
+	u16 family;
+	u16 sport;
+	u16 dport;
+	u16 _pad;
+	u8 saddr[16];
+	u8 daddr[16];
+};
+
+/* Key of the per-process fd table the kernel keeps for attribution and filtering. */
+struct qt_fdkey {
+	u32 tgid;
+	s32 fd;
+};
+
+struct qt_fdinfo {
+	u64 req_key; /* request currently served on this connection */
+	u8 type;     /* enum qt_fdtype */
+	u8 last_dir; /* 0 none, 1 read, 2 write: a read after a write starts a request */
+	u8 _pad[6];
+};
+
+#endif /* QTRACE_H */

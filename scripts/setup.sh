@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Idempotent set-up from nothing: system packages, kernel header links, tracefs, venv.
+# Every failure ends in one line saying what is missing and how to fix it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "qtrace setup: $*" >&2; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (eBPF tracing needs it): re-run with sudo"
+[[ -r /sys/kernel/btf/vmlinux ]] || die "kernel has no BTF (/sys/kernel/btf/vmlinux): use a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+
+# System packages: Debian's bcc (PyPI's "bcc" is unrelated), kernel headers for BCC's
+# compiler, bpftool for inspection, iproute2 for network-namespace tests.
+pkgs=(python3-bpfcc linux-headers-amd64 bpftool iproute2 procps util-linux)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  echo "qtrace setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null || die "apt-get update failed: check the machine's apt sources"
+  apt-get install -y -qq "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+fi
+
+# BCC looks for headers under /lib/modules/$(uname -r); Debian only ships 6.1 headers for
+# this kernel, so link the newest it has (tracepoint args and helpers stay correct; kernel
+# structs are never read through these headers).
+kver=$(uname -r)
+hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1 || true)
+[[ -n $hdr ]] || die "no kernel headers under /usr/src: apt-get install linux-headers-amd64"
+common=${hdr%-amd64}-common
+[[ -d $common ]] || die "missing $common: apt-get install --reinstall $(basename "$hdr")"
+mkdir -p "/lib/modules/$kver"
+[[ -e /lib/modules/$kver/build ]] || ln -sfn "$hdr" "/lib/modules/$kver/build"
+[[ -e /lib/modules/$kver/source ]] || ln -sfn "$common" "/lib/modules/$kver/source"
+
+# Tracepoints are attached through tracefs.
+if [[ ! -e /sys/kernel/tracing/events ]]; then
+  mount -t tracefs tracefs /sys/kernel/tracing || die "cannot mount tracefs on /sys/kernel/tracing"
+fi
+
+# The venv reaches Debian's bcc (pure Python over ctypes) through a symlink.
+py=${PYTHON:-python3}
+command -v "$py" >/dev/null || die "no $py on PATH: install Python 3.11+"
+[[ -x .venv/bin/python ]] || "$py" -m venv .venv || die "cannot create .venv: install python3-venv"
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+
+stamp=.venv/.qtrace-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[dev]' || die "pip install -e .[dev] failed (see above)"
+  touch "$stamp"
+fi
+.venv/bin/python -c 'import bcc' 2>/dev/null || die "bcc does not import in .venv: reinstall python3-bpfcc"
+echo "qtrace setup: ready (.venv, bcc, kernel headers $(basename "$hdr"), tracefs)"
