@@ -19,8 +19,8 @@ PROGRAM = BPF_DIR / "qtrace.bpf.c"
 
 def _parse_enums(text: str) -> dict[str, dict[str, int]]:
     enums: dict[str, dict[str, int]] = {}
-    for name, body in re.findall(r"enum\s+(\w+)\s*\{(.*?)\};", text, re.S):
-        body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    for name, raw in re.findall(r"enum\s+(\w+)\s*\{(.*?)\};", text, re.S):
+        body = re.sub(r"/\*.*?\*/", "", raw, flags=re.S)
         enums[name] = {k: int(v) for k, v in re.findall(r"(\w+)\s*=\s*(\d+)", body)}
     return enums
 

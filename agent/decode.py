@@ -66,9 +66,7 @@ class RequestTable:
 
 
 class Decoder:
-    def __init__(
-        self, extractor: QueryIdExtractor, resolver: FdResolver, clock: WallClock
-    ) -> None:
+    def __init__(self, extractor: QueryIdExtractor, resolver: FdResolver, clock: WallClock) -> None:
         self.extractor = extractor
         self.resolver = resolver
         self.clock = clock
@@ -111,6 +109,9 @@ class Decoder:
             target = _tuple_target(payload) if pkind == abi.P_TUPLE else None
             if kind == _K["inet_sock_set_state"]:
                 detail = {"old": _TCP_STATES[arg0 % 13], "new": _TCP_STATES[arg1 % 13]}
+                if arg1 == 7:  # TCP_CLOSE: ret carries how long the connection lived
+                    detail["lifetime_ns"] = ret
+                    ret = 0
             else:
                 detail = {"state": _TCP_STATES[arg0 % 13]}
         elif kind == _K["block_rq"]:
@@ -144,10 +145,7 @@ class Decoder:
                 src = res.lookup(tgid, int(arg0), abi.FD_FILE)
                 detail = {"in_fd": int(arg0), "in_target": src.target if src else None}
 
-        if name in NET_KINDS or fdtype in _SOCK_TYPES:
-            group = "net"
-        else:
-            group = "storage"
+        group = "net" if name in NET_KINDS or fdtype in _SOCK_TYPES else "storage"
         return Event(
             ts_ns=self.clock.to_wall(ts_enter),
             dur_ns=ts_exit - ts_enter,
@@ -170,4 +168,3 @@ class Decoder:
     def decode_exec(self, rec: bytes) -> tuple[int, str]:
         fields = abi.EVENT.unpack_from(rec)
         return fields[7], _cstr(fields[16])
-

@@ -82,7 +82,7 @@ class FdResolver:
         table = self._table(pid)
         if table is None:
             return set()
-        table.refresh()
+        table.refresh(force=True)
         ports = set()
         for ino in _socket_inodes(pid):
             info = table.by_inode.get(ino)
@@ -186,7 +186,7 @@ class FdResolver:
 
 
 def _socket_inodes(pid: int) -> list[int]:
-    out = []
+    out: list[int] = []
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:

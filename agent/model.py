@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 NET_KINDS = frozenset(
@@ -42,7 +42,7 @@ class Event:
     detail: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["detail"] is None:
-            del d["detail"]
-        return d
+        return {name: getattr(self, name) for name in FIELD_NAMES}
+
+
+FIELD_NAMES = tuple(f.name for f in fields(Event))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from agent import abi
@@ -137,10 +138,18 @@ class Probes:
         return out
 
     def detach(self) -> None:
-        """Stop producing events; maps and buffers stay readable for a final drain."""
-        for tp in self._attached:
-            with contextlib.suppress(Exception):
-                self._bpf.detach_tracepoint(tp=tp.encode())
+        """Stop producing events; maps and buffers stay readable for a final drain.
+
+        Each tracepoint detach waits for an RCU grace period (~75 ms here, 4.5 s for all
+        of them in a row), so the perf fds are closed from parallel threads, whose waits
+        overlap. BCC's own detach_tracepoint does the same close, one at a time."""
+        from bcc.libbcc import lib
+
+        fds: dict[bytes, int] = dict(self._bpf.tracepoint_fds)
+        if fds:
+            with ThreadPoolExecutor(max_workers=len(fds)) as pool:
+                list(pool.map(lib.bpf_close_perf_event_fd, fds.values()))
+        self._bpf.tracepoint_fds.clear()
         self._attached.clear()
 
     def close(self) -> None:

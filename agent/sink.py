@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Protocol
+
+import orjson
 
 from agent.model import Event
 
@@ -21,14 +22,15 @@ class JsonlSink:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._f: IO[str] = self.path.open("w", encoding="utf-8")
+        self._f: IO[bytes] = self.path.open("wb")
         self.written = 0
 
     def write(self, events: Sequence[Event]) -> None:
         if not events:
             return
-        dumps = json.dumps
-        self._f.write("".join(dumps(e.to_json(), ensure_ascii=False) + "\n" for e in events))
+        # orjson serialises the slotted dataclass directly, ~10x faster than json.dumps.
+        dumps, nl = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+        self._f.write(b"".join(dumps(e, option=nl) for e in events))
         self._f.flush()
         self.written += len(events)
 

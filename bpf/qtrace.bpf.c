@@ -21,7 +21,9 @@
 #endif
 
 #define QT_EINPROGRESS 115
+#define QT_TCP_ESTABLISHED 1
 #define QT_TCP_CLOSE 7
+#define QT_TCP_LISTEN 10
 #define QT_SOCKADDR_BYTES 28
 
 struct qt_inflight {
@@ -62,7 +64,9 @@ struct qt_blkinfo {
 BPF_HASH(traced_tgids, u32, u8, 16384);
 BPF_HASH(traced_cgroups, u64, u8, 16384);
 BPF_HASH(traced_ports, u16, u8, 1024);   /* listening ports of traced tasks */
-BPF_HASH(traced_socks, u64, u32, 65536); /* struct sock * -> tgid */
+/* LRU: sockets whose close we never see must not fill these for good. */
+BPF_TABLE("lru_hash", u64, u32, traced_socks, 65536); /* struct sock * -> tgid */
+BPF_TABLE("lru_hash", u64, u64, sock_since, 65536);   /* struct sock * -> phase start */
 BPF_ARRAY(config, u64, 4);               /* [0]: report execs (for name targets) */
 
 BPF_HASH(inflight, u32, struct qt_inflight, QT_MAX_THREADS);
@@ -459,8 +463,27 @@ static __always_inline int tcp_event(u16 kind, u64 sk, u16 family, u16 sport, u1
 	} else if (!traced_ports.lookup(&sport)) {
 		return 0;
 	}
-	if (kind == QT_K_INET_SOCK_SET_STATE && a1 == QT_TCP_CLOSE)
-		traced_socks.delete(&sk);
+	u64 now = bpf_ktime_get_ns(), since = now;
+	if (kind == QT_K_INET_SOCK_SET_STATE) {
+		/* Aggregate in the kernel: a connection makes ~5 transitions per side, but two
+		 * say what matters: established (duration = handshake) and closed (ret = the
+		 * lifetime; the event itself is the instant of closing, which belongs to the
+		 * request active then). The rest only time-stamp the phase they start. */
+		u64 *t0 = sock_since.lookup(&sk);
+		if (t0)
+			since = *t0;
+		if (a1 == QT_TCP_CLOSE) {
+			traced_socks.delete(&sk);
+			sock_since.delete(&sk);
+		} else if (a1 == QT_TCP_ESTABLISHED) {
+			sock_since.update(&sk, &now);
+		} else {
+			if (!t0 || a0 == QT_TCP_CLOSE || a0 == QT_TCP_LISTEN)
+				sock_since.update(&sk, &now);
+			count(kind, QT_C_FILTERED);
+			return 0;
+		}
+	}
 
 	struct qt_event *e = reserve(kind, 1);
 	if (!e)
@@ -471,7 +494,8 @@ static __always_inline int tcp_event(u16 kind, u64 sk, u16 family, u16 sport, u1
 		e->tid = 0;
 		__builtin_memset(e->comm, 0, sizeof(e->comm));
 	}
-	e->ts_enter = e->ts_exit = bpf_ktime_get_ns();
+	e->ts_enter = kind == QT_K_INET_SOCK_SET_STATE && a1 == QT_TCP_ESTABLISHED ? since : now;
+	e->ts_exit = now;
 	e->req_key = 0;
 	e->flags = 0;
 	if (owner == tgid) {
@@ -482,7 +506,7 @@ static __always_inline int tcp_event(u16 kind, u64 sk, u16 family, u16 sport, u1
 			e->flags = th->flags & QT_F_INFERRED;
 		}
 	}
-	e->ret = 0;
+	e->ret = kind == QT_K_INET_SOCK_SET_STATE && a1 == QT_TCP_CLOSE ? now - since : 0;
 	e->arg0 = a0;
 	e->arg1 = a1;
 	e->fd = -1;

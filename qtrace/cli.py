@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -26,10 +26,10 @@ app = typer.Typer(
 agent_app = typer.Typer(help="Node agent commands.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     text = "text"
     json = "json"
 
@@ -86,6 +86,7 @@ def _agent_trace(
     ring_pages: int,
     fmt: Format,
 ) -> None:
+    from agent import preflight
     from agent.extract import QueryIdExtractor
     from agent.probes import ProbeConfig
     from agent.sink import JsonlSink
@@ -100,8 +101,11 @@ def _agent_trace(
         raise QtraceError("--capture-bytes must be a power of two from 16 to 4096")
     if ring_pages < 1 or ring_pages & (ring_pages - 1):
         raise QtraceError("--ring-pages must be a power of two (1, 2, 4, ...)")
-    extractor = QueryIdExtractor.regex(regex) if regex else QueryIdExtractor.header(header or "X-Query-Id")
+    extractor = (
+        QueryIdExtractor.regex(regex) if regex else QueryIdExtractor.header(header or "X-Query-Id")
+    )
     spec = TargetSpec(pids=pids, comms=comms, cgroups=cgroups)
+    preflight.check()
     spec.validate()
     if not out.parent.is_dir():
         raise QtraceError(f"cannot write {out}: {out.parent} is not a directory")

@@ -18,14 +18,13 @@ STRUCTS = {
 
 
 def _c_layout(tmp_path: Path) -> dict[str, dict[str, int]]:
-    lines = ['#include <stdio.h>', '#include <stddef.h>', f'#include "{abi.HEADER}"', "int main(void) {", 'printf("{");']
+    lines = ["#include <stdio.h>", "#include <stddef.h>", f'#include "{abi.HEADER}"']
+    lines += ["int main(void) {", 'printf("{");']
     for i, (name, fields) in enumerate(STRUCTS.items()):
         sep = "," if i else ""
         lines.append(f'printf("{sep}\\"{name}\\": {{\\"sizeof\\": %zu", sizeof(struct {name}));')
         for field, _fmt in fields:
-            lines.append(
-                f'printf(", \\"{field}\\": %zu", offsetof(struct {name}, {field}));'
-            )
+            lines.append(f'printf(", \\"{field}\\": %zu", offsetof(struct {name}, {field}));')
         lines.append('printf("}");')
     lines += ['printf("}\\n");', "return 0; }"]
     src = tmp_path / "layout.c"

@@ -28,14 +28,14 @@ def _check_against_journal(
         for r in j["records"]:
             if r["query_id"] in query_ids:
                 records_by_tid[r["tid"]].append(r)
-    for recs in records_by_tid.values():
-        recs.sort(key=lambda r: r["start_ns"])
+    for tid_recs in records_by_tid.values():
+        tid_recs.sort(key=lambda r: r["start_ns"])
     starts = {tid: [r["start_ns"] for r in recs] for tid, recs in records_by_tid.items()}
 
     wrong: list[str] = []
     missing: list[str] = []
     for e in events:
-        recs = records_by_tid.get(e.tid)
+        recs = records_by_tid.get(e.tid, [])
         if not recs:
             if e.query_id in query_ids:
                 wrong.append(f"{e.kind} tid={e.tid} says {e.query_id}; thread served none")

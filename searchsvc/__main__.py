@@ -1,0 +1,39 @@
+"""``python -m searchsvc --data DIR [--port P] [--host H]``: run a cluster."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from searchsvc.cluster import Cluster
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="searchsvc")
+    parser.add_argument("--data", type=Path, required=True, help="index directory")
+    parser.add_argument("--port", type=int, default=0, help="root port (0: any)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address")
+    args = parser.parse_args(argv)
+
+    # Until the cluster is up, SIGTERM unwinds like Ctrl-C so start() can reap
+    # the children it already spawned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with Cluster(args.data, host=args.host, root_port=args.port) as cluster:
+        print(f"root {cluster.root_url}", flush=True)
+        for role, pid in cluster.pids.items():
+            print(f"pid {role} {pid}", flush=True)
+        # Children are spawned already, so blocking here is not inherited;
+        # sigwait then has no check-then-wait race.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        signal.sigwait(_STOP_SIGNALS)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,154 @@
+"""Run a root and its leaves as separate local processes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+from searchsvc.index import build_index
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+def _connect_host(bind_host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(bind_host, bind_host)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def get_json(url: str, path: str, timeout_s: float = 30.0) -> Any:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout_s)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {url}{path}: {resp.status} {body!r}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+class Cluster:
+    """Builds indexes under ``data_dir`` and runs ``n_leaves`` leaves + 1 root.
+
+    Roles are ``"root"``, ``"leaf0"``, ``"leaf1"``, ...
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        root_port: int = 0,
+        n_leaves: int = 2,
+        shards: int = 4,
+        n_buckets: int = 1024,
+        startup_timeout_s: float = 30.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.root_port = root_port
+        self.n_leaves = n_leaves
+        self.shards = shards
+        self.n_buckets = n_buckets
+        self.startup_timeout_s = startup_timeout_s
+        self.urls: dict[str, str] = {}
+        self.returncodes: dict[str, int] = {}
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def root_url(self) -> str:
+        return self.urls["root"]
+
+    @property
+    def leaf_urls(self) -> list[str]:
+        return [self.urls[f"leaf{i}"] for i in range(self.n_leaves)]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {role: proc.pid for role, proc in self._procs.items()}
+
+    def start(self) -> Cluster:
+        try:
+            leaf_addrs = []
+            for i in range(self.n_leaves):
+                index_dir = self.data_dir / f"leaf{i}"
+                build_index(index_dir, i, n_buckets=self.n_buckets, shards=self.shards)
+                port = self._spawn(f"leaf{i}", "searchsvc.leaf", ["--index", str(index_dir)], 0)
+                leaf_addrs += ["--leaf", f"{_connect_host(self.host)}:{port}"]
+            self._spawn("root", "searchsvc.root", leaf_addrs, self.root_port)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, role: str, module: str, args: list[str], port: int) -> int:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p
+        )
+        cmd = [sys.executable, "-m", module, *args, "--host", self.host]
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        self._procs[role] = proc
+        assert proc.stdout is not None
+        # The child prints its port only once it is listening, so this read is
+        # the readiness signal; the selector only bounds a hung start.
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if not sel.select(self.startup_timeout_s):
+                raise TimeoutError(f"{role} did not report its port")
+        line = proc.stdout.readline()
+        if not line.strip():
+            raise RuntimeError(f"{role} exited with status {proc.wait()}")
+        bound = int(line)
+        self.urls[role] = _url(_connect_host(self.host), bound)
+        return bound
+
+    def journal(self, role: str) -> dict[str, Any]:
+        result: dict[str, Any] = get_json(self.urls[role], "/_journal")
+        return result
+
+    def stop(self, timeout_s: float = 10.0) -> dict[str, int]:
+        """SIGTERM every child, reap them, and return role -> exit status."""
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for role, proc in self._procs.items():
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            self.returncodes[role] = proc.returncode
+        return dict(self.returncodes)
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
