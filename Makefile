@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck unit bench protos clean
 
 setup:
 	bash scripts/setup.sh
@@ -25,6 +25,12 @@ test: setup lint typecheck unit
 
 bench: setup
 	$(PY) bench/trace_overhead.py
+	$(PY) bench/ingest_grpc.py
+	$(PY) bench/ingest_store.py
+
+# Regenerates qtrace/api/ from protos/ (tests fail when the committed code is stale).
+protos:
+	bash scripts/gen_protos.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

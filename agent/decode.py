@@ -10,7 +10,8 @@ from agent import abi
 from agent.clock import WallClock
 from agent.extract import QueryIdExtractor
 from agent.fdresolve import FdResolver, sockaddr_str
-from agent.model import NET_KINDS, Event
+from agent.groups import NET_KINDS
+from agent.model import Event
 
 _TCP_STATES = (
     "?",

@@ -5,22 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-NET_KINDS = frozenset(
-    {
-        "accept",
-        "accept4",
-        "connect",
-        "recvfrom",
-        "recvmsg",
-        "sendto",
-        "sendmsg",
-        "sendfile64",
-        "splice",
-        "inet_sock_set_state",
-        "tcp_retransmit_skb",
-    }
-)
-
 
 @dataclass(slots=True)
 class Event:

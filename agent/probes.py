@@ -9,27 +9,52 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from agent import abi
+from agent.groups import PROBE_GROUPS
 
 # Syscall kinds share one enter/exit program pair each: qt_e_<name> / qt_x_<name>.
 SYSCALL_KINDS = tuple(
     name for name, num in abi.KINDS.items() if num < abi.KINDS["inet_sock_set_state"]
 )
-OTHER_TRACEPOINTS = (
+PROGRAM_PREFIX = "qt_"
+
+
+_KIND_PROGRAMS = {
+    "inet_sock_set_state": ("qt_sockstate", "sock:inet_sock_set_state"),
+    "tcp_retransmit_skb": ("qt_retransmit", "tcp:tcp_retransmit_skb"),
+}
+# Always attached: they keep request keys, followed children and name targets right.
+LIFECYCLE = (
     ("qt_fork", "sched:sched_process_fork"),
     ("qt_exit", "sched:sched_process_exit"),
     ("qt_exec", "sched:sched_process_exec"),
-    ("qt_sockstate", "sock:inet_sock_set_state"),
-    ("qt_retransmit", "tcp:tcp_retransmit_skb"),
+)
+BLOCK = (
     ("qt_blk_issue", "block:block_rq_issue"),
     ("qt_blk_complete", "block:block_rq_complete"),
 )
-PROGRAM_PREFIX = "qt_"
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     ring_pages: int = 1024  # 4 MiB: ~40k events between two drains
     capture_bytes: int = abi.DEFAULT_CAP_BYTES
+    groups: frozenset[str] = frozenset(PROBE_GROUPS)
+
+    def kinds(self) -> frozenset[str]:
+        return frozenset().union(*(PROBE_GROUPS[g] for g in self.groups))
+
+    def attachments(self) -> list[tuple[str, str]]:
+        kinds = self.kinds()
+        out = [
+            (f"qt_{p}_{name}", f"syscalls:sys_{d}_{name}")
+            for name in SYSCALL_KINDS
+            if name in kinds
+            for p, d in (("e", "enter"), ("x", "exit"))
+        ]
+        out += [_KIND_PROGRAMS[k] for k in sorted(_KIND_PROGRAMS) if k in kinds]
+        if "block_rq" in kinds:
+            out += BLOCK
+        return out + list(LIFECYCLE)
 
     def cflags(self) -> list[str]:
         return [
@@ -50,13 +75,8 @@ class Probes:
         self.config = config or ProbeConfig()
         self._bpf = BPF(src_file=str(abi.PROGRAM).encode(), cflags=self.config.cflags())
         self._attached: list[str] = []
-        attachments = [
-            (f"qt_{p}_{name}", f"syscalls:sys_{d}_{name}")
-            for name in SYSCALL_KINDS
-            for p, d in (("e", "enter"), ("x", "exit"))
-        ]
         try:
-            for fn, tp in [*attachments, *OTHER_TRACEPOINTS]:
+            for fn, tp in self.config.attachments():
                 self._bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
                 self._attached.append(tp)
         except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +38,22 @@ class TargetSpec:
     pids: list[int] = field(default_factory=list)
     comms: list[str] = field(default_factory=list)
     cgroups: list[str] = field(default_factory=list)
+    cmdlines: list[str] = field(default_factory=list)  # regexes over /proc/PID/cmdline
+    # Only processes inside this cgroup v2 subtree are this agent's (several agents on one
+    # machine stand in for several nodes that way).
+    scope: str | None = None
 
     def __post_init__(self) -> None:
-        if not (self.pids or self.comms or self.cgroups):
-            raise QtraceError("nothing to trace", "give at least one --pid, --comm or --cgroup")
+        if not (self.pids or self.comms or self.cgroups or self.cmdlines):
+            raise QtraceError(
+                "nothing to trace", "give at least one --pid, --comm, --cmdline or --cgroup"
+            )
         self.comms = [c[:COMM_LEN] for c in self.comms]
+        for rx in self.cmdlines:
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise QtraceError(f"invalid --cmdline regex {rx!r} ({e})") from e
 
     def validate(self) -> None:
         """Fail on targets that cannot exist, before anything is loaded into the kernel."""
@@ -72,26 +84,68 @@ class TargetSpec:
 class TargetResolver:
     """Turns a spec into kernel targets, now and as processes and cgroups come and go."""
 
-    def __init__(self, spec: TargetSpec) -> None:
+    def __init__(self, spec: TargetSpec, strict: bool = True) -> None:
         self.spec = spec
         self._comms = set(spec.comms)
-        self._cgroup_dirs = [spec.cgroup_dir(p) for p in spec.cgroups]
+        self._cmdlines = [re.compile(rx) for rx in spec.cmdlines]
+        self._scope = spec.cgroup_dir(spec.scope) if spec.scope else None
+        self._scope_rel = "/" + str(self._scope.relative_to(cgroup2_root())) if self._scope else ""
+        # A session names cgroups cluster-wide; on one node some of them do not exist.
+        self._cgroup_dirs = []
+        for p in spec.cgroups:
+            try:
+                self._cgroup_dirs.append(spec.cgroup_dir(p))
+            except QtraceError:
+                if strict:
+                    raise
 
-    def matches_comm(self, comm: str) -> bool:
-        return comm[:COMM_LEN] in self._comms
+    def matches_process(self, pid: int, comm: str) -> bool:
+        if not self.in_scope(pid):
+            return False
+        if comm[:COMM_LEN] in self._comms:
+            return True
+        return bool(self._cmdlines) and self._cmdline_match(pid)
+
+    def _cmdline_match(self, pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            return False
+        return any(rx.search(cmd) for rx in self._cmdlines)
+
+    def in_scope(self, pid: int) -> bool:
+        if self._scope is None:
+            return True
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                for line in f:
+                    if line.startswith("0::"):
+                        path = line[3:].strip()
+                        return path == self._scope_rel or path.startswith(self._scope_rel + "/")
+        except OSError:
+            pass
+        return False
 
     def tgids(self) -> set[int]:
-        found = {p for p in self.spec.pids if psutil.pid_exists(p)}
-        if self._comms:
+        found = {p for p in self.spec.pids if psutil.pid_exists(p) and self.in_scope(p)}
+        if self._comms or self._cmdlines:
             for pid in psutil.pids():
                 comm = proc_comm(pid)
-                if comm is not None and comm in self._comms:
+                if comm is not None and self.matches_process(pid, comm):
                     found.add(pid)
         return found
 
     def cgroup_ids(self) -> set[int]:
         ids: set[int] = set()
-        for top in self._cgroup_dirs:
+        for wanted in self._cgroup_dirs:
+            top = wanted
+            if self._scope is not None and not (
+                top == self._scope or self._scope in top.parents or top in self._scope.parents
+            ):
+                continue
+            if self._scope is not None and top in self._scope.parents:
+                top = self._scope  # only the part of a wider cgroup that is this node's
             for dirpath, _dirs, _files in os.walk(top):
                 try:
                     ids.add(os.stat(dirpath).st_ino)

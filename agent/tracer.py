@@ -33,7 +33,11 @@ class Tracer:
         probe_config: ProbeConfig | None = None,
         drain_interval: float = 0.01,
         rescan_interval: float = 1.0,
+        strict: bool = True,
     ) -> None:
+        """``strict``: targets that do not exist are an error (a command line); otherwise
+        they are waited for (a session, whose targets may live on other nodes)."""
+        self.strict = strict
         self.spec = spec
         self.sink = sink
         self.extractor = extractor or QueryIdExtractor.header()
@@ -56,8 +60,9 @@ class Tracer:
 
     def start(self) -> Tracer:
         preflight.check()
-        self.spec.validate()
-        self._resolver_targets = TargetResolver(self.spec)
+        if self.strict:
+            self.spec.validate()
+        self._resolver_targets = TargetResolver(self.spec, strict=self.strict)
         try:
             self._probes = Probes(self.probe_config)
         except Exception as e:  # BCC reports compile/load failures as bare Exceptions
@@ -68,7 +73,7 @@ class Tracer:
         probes = self._probes
         self._fds = FdResolver(teach=probes.set_fd_type)
         self._decoder = Decoder(self.extractor, self._fds, WallClock())
-        if self.spec.comms:
+        if self.spec.comms or self.spec.cmdlines:
             probes.watch_exec(True)
         self.rescan()
         return self
@@ -153,11 +158,12 @@ class Tracer:
         records, control = self._probes.drain()
         for rec in control:
             pid, comm = self._decoder.decode_exec(rec)
-            if self._resolver_targets.matches_comm(comm or proc_comm(pid) or ""):
+            if self._resolver_targets.matches_process(pid, comm or proc_comm(pid) or ""):
                 self._add_tgid(pid)
         self._fds.new_cycle()
         decode = self._decoder.decode
-        events = [e for e in map(decode, records) if e is not None]
+        groups = self.probe_config.groups
+        events = [e for e in map(decode, records) if e is not None and e.group in groups]
         self.sink.write(events)
         self.events_out += len(events)
         return len(events)

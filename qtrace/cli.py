@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import signal
-import sys
-from enum import StrEnum
-from pathlib import Path
-from types import FrameType
-from typing import Annotated, Any
-
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from qtrace.errors import QtraceError
+from qtrace.commands import agent, collector, query, session
 
 app = typer.Typer(
     name="qtrace",
@@ -23,136 +13,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-agent_app = typer.Typer(help="Node agent commands.", no_args_is_help=True)
-app.add_typer(agent_app, name="agent")
-
-err = Console(stderr=True, soft_wrap=True)
-
-
-class Format(StrEnum):
-    text = "text"
-    json = "json"
-
-
-def fail(e: QtraceError) -> None:
-    err.print(f"[bold red]qtrace:[/] {e}", markup=True, highlight=False)
-    raise typer.Exit(e.exit_code)
-
-
-@agent_app.command("trace")
-def agent_trace(
-    out: Annotated[Path, typer.Option("--out", help="JSON-lines file, one event per line.")],
-    pid: Annotated[list[int] | None, typer.Option("--pid", help="Process id (repeatable).")] = None,
-    comm: Annotated[
-        list[str] | None, typer.Option("--comm", help="Process name, also future ones.")
-    ] = None,
-    cgroup: Annotated[
-        list[str] | None, typer.Option("--cgroup", help="cgroup v2 path, with its children.")
-    ] = None,
-    query_id_header: Annotated[
-        str | None, typer.Option(help="HTTP header holding the query id [X-Query-Id].")
-    ] = None,
-    query_id_regex: Annotated[
-        str | None, typer.Option(help="Regex over a request's first bytes; group 1 is the id.")
-    ] = None,
-    duration: Annotated[
-        float | None, typer.Option(help="Seconds to trace (default: until SIGINT/SIGTERM).")
-    ] = None,
-    capture_bytes: Annotated[
-        int, typer.Option(help="Bytes of each request given to the extractor.")
-    ] = 256,
-    ring_pages: Annotated[int, typer.Option(help="Ring buffer size in 4 KiB pages.")] = 1024,
-    fmt: Annotated[Format, typer.Option("--format", help="Summary format.")] = Format.text,
-) -> None:
-    """Trace processes on this machine and write their attributed events as JSON lines."""
-    try:
-        _agent_trace(
-            out, pid or [], comm or [], cgroup or [], query_id_header, query_id_regex,
-            duration, capture_bytes, ring_pages, fmt,
-        )  # fmt: skip
-    except QtraceError as e:
-        fail(e)
-
-
-def _agent_trace(
-    out: Path,
-    pids: list[int],
-    comms: list[str],
-    cgroups: list[str],
-    header: str | None,
-    regex: str | None,
-    duration: float | None,
-    capture_bytes: int,
-    ring_pages: int,
-    fmt: Format,
-) -> None:
-    from agent import preflight
-    from agent.extract import QueryIdExtractor
-    from agent.probes import ProbeConfig
-    from agent.sink import JsonlSink
-    from agent.targets import TargetSpec
-    from agent.tracer import Tracer
-
-    if header and regex:
-        raise QtraceError("--query-id-header and --query-id-regex exclude each other", "pick one")
-    if duration is not None and duration <= 0:
-        raise QtraceError(f"--duration must be positive, not {duration}")
-    if not 16 <= capture_bytes <= 4096 or capture_bytes & (capture_bytes - 1):
-        raise QtraceError("--capture-bytes must be a power of two from 16 to 4096")
-    if ring_pages < 1 or ring_pages & (ring_pages - 1):
-        raise QtraceError("--ring-pages must be a power of two (1, 2, 4, ...)")
-    extractor = (
-        QueryIdExtractor.regex(regex) if regex else QueryIdExtractor.header(header or "X-Query-Id")
-    )
-    spec = TargetSpec(pids=pids, comms=comms, cgroups=cgroups)
-    preflight.check()
-    spec.validate()
-    if not out.parent.is_dir():
-        raise QtraceError(f"cannot write {out}: {out.parent} is not a directory")
-    sink = JsonlSink(out)
-    tracer = Tracer(
-        spec, sink, extractor, ProbeConfig(ring_pages=ring_pages, capture_bytes=capture_bytes)
-    )
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        tracer.stop_event.set()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    with tracer:
-        err.print(
-            f"[green]tracing[/] {len(tracer.stats()['targets'])} process(es) "
-            f"-> {out} ({extractor.description}); Ctrl-C to stop",
-            highlight=False,
-        )
-        tracer.run(duration)
-    report(tracer.stats(), fmt)
-
-
-def report(stats: dict[str, Any], fmt: Format) -> None:
-    if fmt is Format.json:
-        sys.stdout.write(json.dumps(stats) + "\n")
-        return
-    table = Table(title="qtrace agent: events by kind", title_justify="left")
-    for col in ("kind", "produced", "received", "lost ringbuf", "lost mapfull", "filtered"):
-        table.add_column(col, justify="left" if col == "kind" else "right")
-    for kind, row in stats["kinds"].items():
-        lost = row["lost_ringbuf"] + row["lost_mapfull"]
-        style = "red" if lost else None
-        table.add_row(
-            kind,
-            str(row["produced"]),
-            str(row["received"]),
-            str(row["lost_ringbuf"]),
-            str(row["lost_mapfull"]),
-            str(row["filtered"]),
-            style=style,
-        )
-    Console().print(table)
-    colour = "red" if stats["lost"] else "green"
-    Console().print(
-        f"[{colour}]{stats['written']} events written, {stats['lost']} lost[/]", highlight=False
-    )
+app.add_typer(agent.app, name="agent")
+app.add_typer(collector.app, name="collector")
+app.add_typer(session.app, name="session")
+app.add_typer(query.app, name="query")
+app.command("status")(query.status)
 
 
 def main() -> None:

@@ -1,0 +1,42 @@
+"""Probe groups: which kernel events a session's `--probes net,storage` asks for."""
+
+from __future__ import annotations
+
+# Which syscalls and tracepoints each probe group needs. read/write/close serve both:
+# whether an fd is a socket or a file is only known per call.
+_SHARED = frozenset({"read", "readv", "write", "writev", "close"})
+PROBE_GROUPS: dict[str, frozenset[str]] = {
+    "net": _SHARED
+    | {
+        "accept",
+        "accept4",
+        "connect",
+        "recvfrom",
+        "recvmsg",
+        "sendto",
+        "sendmsg",
+        "sendfile64",
+        "splice",
+        "inet_sock_set_state",
+        "tcp_retransmit_skb",
+    },
+    "storage": _SHARED
+    | {
+        "openat",
+        "pread64",
+        "preadv",
+        "pwrite64",
+        "pwritev",
+        "fsync",
+        "fdatasync",
+        "rename",
+        "renameat2",
+        "ftruncate",
+        "unlink",
+        "unlinkat",
+        "block_rq",
+    },
+}
+
+#: Kinds that are always network events (read/write/close depend on the fd).
+NET_KINDS = PROBE_GROUPS["net"] - _SHARED

@@ -1,0 +1,292 @@
+"""The collector's gRPC services: agents ship and watch, engineers control and read."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from collector.sessions import SessionError, SessionRegistry, UnknownSession
+from collector.store import Store
+from qtrace.api.v1 import (
+    anomalies_pb2,
+    events_pb2,
+    services_pb2,
+    services_pb2_grpc,
+    sessions_pb2,
+)
+
+log = logging.getLogger("qtrace.collector")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_BATCH_EVENTS = 50_000
+MAX_FIELD_BYTES = 64 * 1024
+DEFAULT_QUERY_LIMIT = 100_000
+
+
+@dataclass
+class AgentState:
+    agent_id: str
+    node: str
+    connected: bool = True
+    connected_ns: int = field(default_factory=time.time_ns)
+    last_batch_ns: int = 0
+    clock_offset_ns: int = 0
+    clock_uncertainty_ns: int = 0
+    duplicates: dict[str, int] = field(default_factory=dict)
+
+
+class BadBatch(ValueError):
+    pass
+
+
+def validate_batch(b: events_pb2.EventBatch) -> None:
+    """Cheap structural checks; anything failing them is the sender's bug, not data."""
+    where = f"batch seq={b.seq} from agent {b.agent_id!r}"
+    if not b.agent_id:
+        raise BadBatch(f"{where}: agent_id is empty")
+    if b.seq == 0:
+        raise BadBatch(f"{where}: seq must start at 1")
+    if not b.session_id:
+        raise BadBatch(f"{where}: session_id is empty")
+    for i, e in enumerate(b.events):
+        if not e.kind or len(e.kind) > 64:
+            raise BadBatch(f"{where}: event {i}: kind must be 1-64 characters")
+        if e.ts_ns <= 0:
+            raise BadBatch(f"{where}: event {i}: ts_ns must be positive")
+        if e.dur_ns < 0:
+            raise BadBatch(f"{where}: event {i}: dur_ns is negative")
+        if max(len(e.target), len(e.query_id), len(e.detail_json)) > MAX_FIELD_BYTES:
+            raise BadBatch(f"{where}: event {i}: a field exceeds {MAX_FIELD_BYTES} bytes")
+        if e.detail_json:
+            try:
+                if not isinstance(json.loads(e.detail_json), dict):
+                    raise ValueError
+            except ValueError as err:
+                raise BadBatch(f"{where}: event {i}: detail_json is not a JSON object") from err
+
+
+class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.ControlServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.sessions = SessionRegistry(store.load_sessions(), store.save_session)
+        self.agents: dict[str, AgentState] = {}
+        self._lock = threading.Lock()
+        self._store_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    # -- AgentService ----------------------------------------------------------------------
+
+    def Ingest(
+        self,
+        request_iterator: Iterator[events_pb2.AgentMessage],
+        context: grpc.ServicerContext,
+    ) -> Iterator[events_pb2.CollectorMessage]:
+        agent: AgentState | None = None
+        try:
+            for msg in request_iterator:
+                which = msg.WhichOneof("msg")
+                if which == "hello":
+                    agent = self._hello(msg.hello)
+                    continue
+                if which != "batch":
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty AgentMessage")
+                received = time.time_ns()
+                yield events_pb2.CollectorMessage(ack=self._ingest(msg.batch, received, context))
+                if agent is not None:
+                    agent.last_batch_ns = received
+                    agent.clock_offset_ns = msg.batch.clock_offset_ns
+                    agent.clock_uncertainty_ns = msg.batch.clock_uncertainty_ns
+        finally:
+            if agent is not None:
+                agent.connected = False
+
+    def _hello(self, hello: events_pb2.Hello) -> AgentState:
+        with self._lock:
+            state = self.agents.get(hello.agent_id)
+            if state is None:
+                state = self.agents[hello.agent_id] = AgentState(hello.agent_id, hello.node)
+            state.connected = True
+            state.connected_ns = time.time_ns()
+            return state
+
+    def _ingest(
+        self, b: events_pb2.EventBatch, received: int, context: grpc.ServicerContext
+    ) -> events_pb2.BatchAck:
+        if len(b.events) > MAX_BATCH_EVENTS:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"batch seq={b.seq} has {len(b.events)} events; the limit is "
+                f"{MAX_BATCH_EVENTS}: send smaller batches",
+            )
+        try:
+            validate_batch(b)
+            self.sessions.get(b.session_id)
+        except BadBatch as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except UnknownSession as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        with self._store_lock:
+            stored, duplicate = self.store.ingest(b, received)
+        if duplicate:
+            with self._lock:
+                st = self.agents.get(b.agent_id)
+                if st is not None:
+                    st.duplicates[b.session_id] = st.duplicates.get(b.session_id, 0) + 1
+        return events_pb2.BatchAck(
+            seq=b.seq,
+            stored=stored,
+            duplicate=duplicate,
+            received_ns=received,
+            sent_ns=time.time_ns(),
+            batch_sent_ns=b.sent_ns,
+        )
+
+    def WatchSessions(
+        self, request: sessions_pb2.WatchSessionsRequest, context: grpc.ServicerContext
+    ) -> Iterator[sessions_pb2.SessionSet]:
+        seen = -1
+        while context.is_active() and not self._stopping.is_set():
+            version = self.sessions.version
+            if version != seen:
+                seen = version
+                yield sessions_pb2.SessionSet(
+                    sessions=self.sessions.active(), collector_ns=time.time_ns()
+                )
+            # Bounded so a vanished watcher and a stopping server are noticed.
+            self.sessions.wait_change(seen, timeout=1.0)
+
+    # -- ControlService --------------------------------------------------------------------
+
+    def StartSession(
+        self, request: services_pb2.StartSessionRequest, context: grpc.ServicerContext
+    ) -> sessions_pb2.Session:
+        try:
+            s = self.sessions.start(request)
+        except SessionError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        log.info("session %s started by %s", s.id, s.started_by)
+        return s
+
+    def StopSession(
+        self, request: services_pb2.SessionRequest, context: grpc.ServicerContext
+    ) -> sessions_pb2.Session:
+        try:
+            return self.sessions.stop(request.session_id)
+        except UnknownSession as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
+    def GetSession(
+        self, request: services_pb2.SessionRequest, context: grpc.ServicerContext
+    ) -> services_pb2.SessionStatus:
+        try:
+            s = self.sessions.get(request.session_id)
+        except UnknownSession as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        return services_pb2.SessionStatus(session=s, agents=self._stats(s.id))
+
+    def ListSessions(
+        self, request: services_pb2.ListSessionsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.ListSessionsResponse:
+        return services_pb2.ListSessionsResponse(
+            sessions=self.sessions.all(include_ended=request.include_ended)
+        )
+
+    def _stats(self, session_id: str | None) -> list[services_pb2.SessionAgentStats]:
+        with self._store_lock:
+            rows = self.store.session_stats(session_id)
+        with self._lock:
+            for r in rows:
+                st = self.agents.get(r.agent_id)
+                if st is not None:
+                    r.duplicates = st.duplicates.get(r.session_id, 0)
+        return rows
+
+    def Status(
+        self, request: services_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> services_pb2.StatusResponse:
+        with self._lock:
+            agents = [
+                services_pb2.AgentStatus(
+                    agent_id=a.agent_id,
+                    node=a.node,
+                    connected=a.connected,
+                    connected_ns=a.connected_ns,
+                    last_batch_ns=a.last_batch_ns,
+                    clock_offset_ns=a.clock_offset_ns,
+                    clock_uncertainty_ns=a.clock_uncertainty_ns,
+                )
+                for a in self.agents.values()
+            ]
+        with self._store_lock:
+            total = self.store.events_stored()
+        return services_pb2.StatusResponse(
+            agents=agents, sessions=self._stats(None), events_stored=total
+        )
+
+    def QueryEvents(
+        self, request: services_pb2.QueryEventsRequest, context: grpc.ServicerContext
+    ) -> services_pb2.QueryEventsResponse:
+        if not request.query_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query_id is empty")
+        limit = request.limit or DEFAULT_QUERY_LIMIT
+        with self._store_lock:
+            events, truncated = self.store.query_events(request.query_id, limit)
+        return services_pb2.QueryEventsResponse(
+            query_id=request.query_id, events=events, truncated=truncated
+        )
+
+    def ReportAnomalies(
+        self, request: anomalies_pb2.ReportAnomaliesRequest, context: grpc.ServicerContext
+    ) -> anomalies_pb2.ReportAnomaliesResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "anomaly reports arrive with replay")
+
+    def ListAnomalies(
+        self, request: anomalies_pb2.ListAnomaliesRequest, context: grpc.ServicerContext
+    ) -> anomalies_pb2.ListAnomaliesResponse:
+        return anomalies_pb2.ListAnomaliesResponse()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.sessions.close()
+
+
+def serve(listen: str, db: Path) -> tuple[grpc.Server, Collector, int]:
+    """Start serving; returns the server, the servicer and the bound port."""
+    store = Store(db)
+    collector = Collector(store)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="qtrace-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    services_pb2_grpc.add_AgentServiceServicer_to_server(collector, server)
+    services_pb2_grpc.add_ControlServiceServicer_to_server(collector, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [
+        services_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+        services_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    ]
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        store.close()
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    for name in ["", *names[:2]]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, collector, port

@@ -1,0 +1,163 @@
+"""Trace sessions: created by engineers, watched by agents, always expiring."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from qtrace.api.v1 import services_pb2, sessions_pb2
+
+MAX_DURATION_NS = 24 * 3600 * 10**9
+DEFAULT_DURATION_NS = 10 * 60 * 10**9
+PROBE_GROUPS = ("net", "storage")
+FUTURE_GROUPS = ("sched", "memory", "node")
+
+
+class SessionError(ValueError):
+    """A request that cannot make a valid session (maps to INVALID_ARGUMENT)."""
+
+
+class UnknownSession(KeyError):
+    """No session with that id (maps to NOT_FOUND)."""
+
+    def __str__(self) -> str:
+        return f"no session {self.args[0]!r}: `qtrace session list` shows the known ones"
+
+
+def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
+    t = req.targets
+    if not (t.pids or t.comms or t.cmdline_regexes or t.cgroups or t.namespaces or t.pods):
+        raise SessionError("a session needs a target: --pid, --comm, --cmdline or --cgroup")
+    if t.label_selector and not t.namespaces:
+        raise SessionError("--selector needs --namespace")
+    for rx in t.cmdline_regexes:
+        try:
+            re.compile(rx)
+        except re.error as e:
+            raise SessionError(f"invalid cmdline regex {rx!r}: {e}") from e
+    probes = list(req.probes) or list(PROBE_GROUPS)
+    if "all" in probes:
+        probes = list(PROBE_GROUPS)
+    for p in probes:
+        if p in FUTURE_GROUPS:
+            raise SessionError(f"probe group {p!r} is not available yet; use net, storage or all")
+        if p not in PROBE_GROUPS:
+            raise SessionError(f"unknown probe group {p!r}; known: net, storage, all")
+    if req.duration_ns < 0 or req.duration_ns > MAX_DURATION_NS:
+        raise SessionError("duration must be between 1 s and 24 h")
+    ex = req.extractor
+    if ex.WhichOneof("how") == "regex":
+        try:
+            if re.compile(ex.regex).groups < 1:
+                raise SessionError(f"query-id regex {ex.regex!r} has no group")
+        except re.error as e:
+            raise SessionError(f"invalid query-id regex {ex.regex!r}: {e}") from e
+    return sorted(set(probes))
+
+
+class SessionRegistry:
+    """In memory, persisted through ``save``; watchers are woken on every change,
+    including a session expiring."""
+
+    def __init__(
+        self,
+        saved: list[sessions_pb2.Session],
+        save: Callable[[sessions_pb2.Session], None],
+    ) -> None:
+        self._save = save
+        self._sessions = {s.id: s for s in saved}
+        self._cv = threading.Condition()
+        self.version = 0
+        self._timer: threading.Timer | None = None
+        self.expire_due()
+
+    def start(self, req: services_pb2.StartSessionRequest) -> sessions_pb2.Session:
+        probes = validate_start(req)
+        now = time.time_ns()
+        s = sessions_pb2.Session(
+            id=uuid.uuid4().hex[:12],
+            targets=req.targets,
+            probes=probes,
+            extractor=req.extractor,
+            created_ns=now,
+            expires_ns=now + (req.duration_ns or DEFAULT_DURATION_NS),
+            started_by=req.started_by or "unknown",
+            state=sessions_pb2.SESSION_STATE_ACTIVE,
+        )
+        with self._cv:
+            self._sessions[s.id] = s
+            self._save(s)
+            self._changed()
+        return s
+
+    def stop(self, session_id: str) -> sessions_pb2.Session:
+        with self._cv:
+            s = self.get(session_id)
+            if s.state == sessions_pb2.SESSION_STATE_ACTIVE:
+                s.state = sessions_pb2.SESSION_STATE_STOPPED
+                s.stopped_ns = time.time_ns()
+                self._save(s)
+                self._changed()
+            return s
+
+    def get(self, session_id: str) -> sessions_pb2.Session:
+        with self._cv:
+            s = self._sessions.get(session_id)
+            if s is None:
+                raise UnknownSession(session_id)
+            return s
+
+    def all(self, include_ended: bool = True) -> list[sessions_pb2.Session]:
+        with self._cv:
+            out = sorted(self._sessions.values(), key=lambda s: s.created_ns)
+        if not include_ended:
+            out = [s for s in out if s.state == sessions_pb2.SESSION_STATE_ACTIVE]
+        return out
+
+    def active(self) -> list[sessions_pb2.Session]:
+        return self.all(include_ended=False)
+
+    def expire_due(self) -> None:
+        now = time.time_ns()
+        with self._cv:
+            changed = False
+            for s in self._sessions.values():
+                if s.state == sessions_pb2.SESSION_STATE_ACTIVE and s.expires_ns <= now:
+                    s.state = sessions_pb2.SESSION_STATE_EXPIRED
+                    s.stopped_ns = s.expires_ns
+                    self._save(s)
+                    changed = True
+            if changed:
+                self._changed()
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        due = [
+            s.expires_ns
+            for s in self._sessions.values()
+            if s.state == sessions_pb2.SESSION_STATE_ACTIVE
+        ]
+        if due:
+            delay = max(0.0, (min(due) - time.time_ns()) / 1e9)
+            self._timer = threading.Timer(delay + 0.001, self.expire_due)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._cv.notify_all()
+        self._arm_timer()
+
+    def wait_change(self, seen: int, timeout: float) -> int:
+        with self._cv:
+            self._cv.wait_for(lambda: self.version != seen, timeout)
+            return self.version
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()

@@ -1,0 +1,179 @@
+"""`qtrace agent ...`: trace locally, or run as a node agent for a collector."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qtrace.client import parse_addr
+from qtrace.errors import QtraceError
+from qtrace.output import DEFAULT_ADDR, CollectorOpt, Format, emit_json, err, fail
+
+app = typer.Typer(help="Node agent: trace processes on this machine.", no_args_is_help=True)
+
+
+def _on_stop_signals(stop: Any) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command("trace")
+def agent_trace(
+    out: Annotated[Path, typer.Option("--out", help="JSON-lines file, one event per line.")],
+    pid: Annotated[list[int] | None, typer.Option("--pid", help="Process id (repeatable).")] = None,
+    comm: Annotated[
+        list[str] | None, typer.Option("--comm", help="Process name, also future ones.")
+    ] = None,
+    cgroup: Annotated[
+        list[str] | None, typer.Option("--cgroup", help="cgroup v2 path, with its children.")
+    ] = None,
+    query_id_header: Annotated[
+        str | None, typer.Option(help="HTTP header holding the query id [X-Query-Id].")
+    ] = None,
+    query_id_regex: Annotated[
+        str | None, typer.Option(help="Regex over a request's first bytes; group 1 is the id.")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Seconds to trace (default: until SIGINT/SIGTERM).")
+    ] = None,
+    capture_bytes: Annotated[
+        int, typer.Option(help="Bytes of each request given to the extractor.")
+    ] = 256,
+    ring_pages: Annotated[int, typer.Option(help="Ring buffer size in 4 KiB pages.")] = 1024,
+    fmt: Annotated[Format, typer.Option("--format", help="Summary format.")] = Format.text,
+) -> None:
+    """Trace processes on this machine and write their attributed events as JSON lines."""
+    try:
+        _agent_trace(
+            out, pid or [], comm or [], cgroup or [], query_id_header, query_id_regex,
+            duration, capture_bytes, ring_pages, fmt,
+        )  # fmt: skip
+    except QtraceError as e:
+        fail(e)
+
+
+def _agent_trace(
+    out: Path,
+    pids: list[int],
+    comms: list[str],
+    cgroups: list[str],
+    header: str | None,
+    regex: str | None,
+    duration: float | None,
+    capture_bytes: int,
+    ring_pages: int,
+    fmt: Format,
+) -> None:
+    from agent import preflight
+    from agent.extract import QueryIdExtractor
+    from agent.probes import ProbeConfig
+    from agent.sink import JsonlSink
+    from agent.targets import TargetSpec
+    from agent.tracer import Tracer
+
+    if header and regex:
+        raise QtraceError("--query-id-header and --query-id-regex exclude each other", "pick one")
+    if duration is not None and duration <= 0:
+        raise QtraceError(f"--duration must be positive, not {duration}")
+    if not 16 <= capture_bytes <= 4096 or capture_bytes & (capture_bytes - 1):
+        raise QtraceError("--capture-bytes must be a power of two from 16 to 4096")
+    if ring_pages < 1 or ring_pages & (ring_pages - 1):
+        raise QtraceError("--ring-pages must be a power of two (1, 2, 4, ...)")
+    extractor = (
+        QueryIdExtractor.regex(regex) if regex else QueryIdExtractor.header(header or "X-Query-Id")
+    )
+    spec = TargetSpec(pids=pids, comms=comms, cgroups=cgroups)
+    preflight.check()
+    spec.validate()
+    if not out.parent.is_dir():
+        raise QtraceError(f"cannot write {out}: {out.parent} is not a directory")
+    sink = JsonlSink(out)
+    tracer = Tracer(
+        spec, sink, extractor, ProbeConfig(ring_pages=ring_pages, capture_bytes=capture_bytes)
+    )
+
+    _on_stop_signals(tracer.stop_event)
+    with tracer:
+        err.print(
+            f"[green]tracing[/] {len(tracer.stats()['targets'])} process(es) "
+            f"-> {out} ({extractor.description}); Ctrl-C to stop",
+            highlight=False,
+        )
+        tracer.run(duration)
+    report(tracer.stats(), fmt)
+
+
+def report(stats: dict[str, Any], fmt: Format) -> None:
+    if fmt is Format.json:
+        emit_json(stats)
+        return
+    table = Table(title="qtrace agent: events by kind", title_justify="left")
+    for col in ("kind", "produced", "received", "lost ringbuf", "lost mapfull", "filtered"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for kind, row in stats["kinds"].items():
+        lost = row["lost_ringbuf"] + row["lost_mapfull"]
+        style = "red" if lost else None
+        table.add_row(
+            kind,
+            str(row["produced"]),
+            str(row["received"]),
+            str(row["lost_ringbuf"]),
+            str(row["lost_mapfull"]),
+            str(row["filtered"]),
+            style=style,
+        )
+    Console().print(table)
+    colour = "red" if stats["lost"] else "green"
+    Console().print(
+        f"[{colour}]{stats['written']} events written, {stats['lost']} lost[/]", highlight=False
+    )
+
+
+@app.command("run")
+def agent_run(
+    collector: CollectorOpt = DEFAULT_ADDR,
+    node: Annotated[
+        str | None, typer.Option(help="This node's name [NODE_NAME or the host name].")
+    ] = None,
+    scope_cgroup: Annotated[
+        str | None,
+        typer.Option(
+            help="Only processes in this cgroup v2 subtree are this agent's "
+            "(to run several agents on one machine as stand-ins for nodes)."
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the node agent: apply the collector's sessions here and ship their events."""
+    from agent import preflight
+    from agent.runtime import AgentRuntime, default_node
+    from agent.targets import TargetSpec
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        parse_addr(collector)
+        preflight.check()
+        if scope_cgroup:
+            TargetSpec.cgroup_dir(scope_cgroup)
+        runtime = AgentRuntime(collector, node or default_node(), scope=scope_cgroup)
+    except QtraceError as e:
+        fail(e)
+    _on_stop_signals(runtime.stop_event)
+    err.print(
+        f"[green]agent[/] {runtime.agent_id} (node {runtime.node}) -> collector {collector}",
+        highlight=False,
+    )
+    runtime.run()

@@ -1,0 +1,65 @@
+"""`qtrace collector run`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from qtrace.client import parse_addr
+from qtrace.errors import QtraceError
+from qtrace.output import err, fail
+
+app = typer.Typer(help="The collector: sessions, ingest, store, reads.", no_args_is_help=True)
+
+
+@app.command("run")
+def collector_run(
+    listen: Annotated[str, typer.Option(help="Address to serve gRPC on.")] = "127.0.0.1:7070",
+    db: Annotated[Path, typer.Option(help="DuckDB file (owned by this process).")] = Path(
+        "qtrace.duckdb"
+    ),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve agents and engineers until SIGINT/SIGTERM."""
+    import duckdb
+
+    from collector.server import serve
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        parse_addr(listen, listening=True)
+        if not db.parent.is_dir():
+            raise QtraceError(f"cannot create {db}: {db.parent} is not a directory")
+        try:
+            server, collector, port = serve(listen, db)
+        except duckdb.IOException as e:
+            raise QtraceError(
+                f"cannot open {db} ({e})".replace("\n", " "),
+                "only one collector may own a database file: stop the other or use --db",
+            ) from e
+        except (OSError, RuntimeError) as e:
+            raise QtraceError(f"cannot listen on {listen} ({e})", "pick another --listen") from e
+    except QtraceError as e:
+        fail(e)
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    host = listen.rpartition(":")[0]
+    err.print(f"[green]collector[/] listening on {host}:{port}, store {db}", highlight=False)
+    stop.wait()
+    collector.stop()
+    server.stop(grace=2.0).wait()
+    collector.store.close()

@@ -1,0 +1,187 @@
+"""`qtrace session start|list|status|stop`."""
+
+from __future__ import annotations
+
+import getpass
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from qtrace.api.v1 import services_pb2, sessions_pb2
+from qtrace.client import control
+from qtrace.errors import QtraceError
+from qtrace.output import (
+    DEFAULT_ADDR,
+    DEFAULT_FORMAT,
+    CollectorOpt,
+    Format,
+    FormatOpt,
+    emit_json,
+    fail,
+    out,
+)
+from qtrace.wire import drops_to_json, session_to_json
+
+app = typer.Typer(help="Trace sessions: what to trace, for how long.", no_args_is_help=True)
+
+Ids = Annotated[str, typer.Argument(help="Session id.")]
+
+
+def parse_duration(text: str) -> int:
+    """'90', '90s', '10m', '2h' -> nanoseconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    num, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(num)
+    except ValueError:
+        raise QtraceError(f"invalid duration {text!r}", "use e.g. 90s, 10m or 2h") from None
+    if value <= 0:
+        raise QtraceError(f"duration must be positive, not {text!r}")
+    return int(value * units[unit] * 1e9)
+
+
+@app.command("start")
+def start(
+    pid: Annotated[list[int] | None, typer.Option("--pid", help="Process id (repeatable).")] = None,
+    comm: Annotated[list[str] | None, typer.Option("--comm", help="Process name.")] = None,
+    cmdline: Annotated[
+        list[str] | None, typer.Option("--cmdline", help="Regex over the command line.")
+    ] = None,
+    cgroup: Annotated[list[str] | None, typer.Option("--cgroup", help="cgroup v2 path.")] = None,
+    duration: Annotated[str, typer.Option(help="How long: 90s, 10m, 2h.")] = "10m",
+    probes: Annotated[str, typer.Option(help="Probe groups: net,storage or all.")] = "all",
+    query_id_header: Annotated[str | None, typer.Option(help="[X-Query-Id]")] = None,
+    query_id_regex: Annotated[str | None, typer.Option(help="Group 1 is the id.")] = None,
+    collector: CollectorOpt = DEFAULT_ADDR,
+    fmt: FormatOpt = DEFAULT_FORMAT,
+) -> None:
+    """Start tracing targets on every node; prints the session id."""
+    try:
+        if query_id_header and query_id_regex:
+            raise QtraceError("--query-id-header and --query-id-regex exclude each other")
+        extractor = (
+            sessions_pb2.Extractor(regex=query_id_regex)
+            if query_id_regex
+            else sessions_pb2.Extractor(header=query_id_header or "X-Query-Id")
+        )
+        req = services_pb2.StartSessionRequest(
+            targets=sessions_pb2.Targets(
+                pids=pid or [],
+                comms=comm or [],
+                cmdline_regexes=cmdline or [],
+                cgroups=cgroup or [],
+            ),
+            probes=[p.strip() for p in probes.split(",") if p.strip()],
+            extractor=extractor,
+            duration_ns=parse_duration(duration),
+            started_by=getpass.getuser(),
+        )
+        with control(collector) as call:
+            s = call("StartSession", req)
+    except QtraceError as e:
+        fail(e)
+    if fmt is Format.json:
+        emit_json(session_to_json(s))
+    else:
+        out.print(s.id)
+
+
+def _sessions_table(sessions: list[dict[str, Any]]) -> Table:
+    t = Table(title="sessions", title_justify="left")
+    for col in ("id", "state", "targets", "probes", "left", "by"):
+        t.add_column(col)
+    for s in sessions:
+        tg = s["targets"]
+        targets = ", ".join(
+            [f"pid {p}" for p in tg["pids"]]
+            + [f"comm {c}" for c in tg["comms"]]
+            + [f"cmdline /{c}/" for c in tg["cmdline_regexes"]]
+            + [f"cgroup {c}" for c in tg["cgroups"]]
+        )
+        colour = {"active": "green", "stopped": "yellow", "expired": "dim"}[s["state"]]
+        t.add_row(
+            s["session_id"],
+            f"[{colour}]{s['state']}[/]",
+            targets,
+            ",".join(s["probes"]),
+            f"{s['remaining_s']:.0f}s" if s["state"] == "active" else "-",
+            s["started_by"],
+        )
+    return t
+
+
+@app.command("list")
+def list_(
+    all_: Annotated[bool, typer.Option("--all", help="Include ended sessions.")] = False,
+    collector: CollectorOpt = DEFAULT_ADDR,
+    fmt: FormatOpt = DEFAULT_FORMAT,
+) -> None:
+    """Sessions known to the collector (active ones unless --all)."""
+    try:
+        with control(collector) as call:
+            resp = call("ListSessions", services_pb2.ListSessionsRequest(include_ended=all_))
+    except QtraceError as e:
+        fail(e)
+    sessions = [session_to_json(s) for s in resp.sessions]
+    if fmt is Format.json:
+        emit_json({"sessions": sessions})
+    else:
+        out.print(_sessions_table(sessions))
+
+
+def stats_to_json(a: services_pb2.SessionAgentStats) -> dict[str, Any]:
+    return {
+        "session_id": a.session_id,
+        "agent_id": a.agent_id,
+        "node": a.node,
+        "events_stored": a.events_stored,
+        "batches": a.batches,
+        "duplicate_batches": a.duplicates,
+        "dropped": a.dropped,
+        "complete": a.complete,
+        "drops": drops_to_json(a.drops),
+    }
+
+
+@app.command("status")
+def status(
+    session_id: Ids, collector: CollectorOpt = DEFAULT_ADDR, fmt: FormatOpt = DEFAULT_FORMAT
+) -> None:
+    """One session: its definition and, per agent, events stored and dropped."""
+    try:
+        with control(collector) as call:
+            st = call("GetSession", services_pb2.SessionRequest(session_id=session_id))
+    except QtraceError as e:
+        fail(e)
+    obj = session_to_json(st.session) | {"agents": [stats_to_json(a) for a in st.agents]}
+    if fmt is Format.json:
+        emit_json(obj)
+        return
+    out.print(_sessions_table([obj]))
+    t = Table(title="per agent", title_justify="left")
+    for col in ("node", "agent", "events stored", "batches", "dropped"):
+        t.add_column(col, justify="right" if col not in ("node", "agent") else "left")
+    for a in obj["agents"]:
+        style = "red" if a["dropped"] else None
+        t.add_row(
+            a["node"], a["agent_id"], str(a["events_stored"]), str(a["batches"]),
+            str(a["dropped"]), style=style,
+        )  # fmt: skip
+    out.print(t)
+
+
+@app.command("stop")
+def stop(
+    session_id: Ids, collector: CollectorOpt = DEFAULT_ADDR, fmt: FormatOpt = DEFAULT_FORMAT
+) -> None:
+    """Stop a session on every node now."""
+    try:
+        with control(collector) as call:
+            s = call("StopSession", services_pb2.SessionRequest(session_id=session_id))
+    except QtraceError as e:
+        fail(e)
+    if fmt is Format.json:
+        emit_json(session_to_json(s))
+    else:
+        out.print(f"session {s.id} {session_to_json(s)['state']}")

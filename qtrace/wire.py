@@ -1,0 +1,113 @@
+"""Conversions between qtrace's Python objects and the wire contract in protos/."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from agent.model import Event
+from qtrace.api.v1 import events_pb2, services_pb2, sessions_pb2
+
+STATE_NAMES = {
+    sessions_pb2.SESSION_STATE_ACTIVE: "active",
+    sessions_pb2.SESSION_STATE_STOPPED: "stopped",
+    sessions_pb2.SESSION_STATE_EXPIRED: "expired",
+}
+
+
+def event_to_pb(e: Event) -> events_pb2.Event:
+    return events_pb2.Event(
+        ts_ns=e.ts_ns,
+        dur_ns=e.dur_ns,
+        kind=e.kind,
+        pid=e.pid,
+        tid=e.tid,
+        comm=e.comm,
+        fd=e.fd,
+        target=e.target or "",
+        has_target=e.target is not None,
+        ret=e.ret,
+        query_id=e.query_id or "",
+        has_query_id=e.query_id is not None,
+        request_key=e.request_key,
+        inferred=e.inferred,
+        group=e.group,
+        cgroup_id=e.cgroup_id,
+        mono_ns=e.mono_ns,
+        detail_json=json.dumps(e.detail) if e.detail is not None else "",
+    )
+
+
+def event_to_json(e: events_pb2.Event) -> dict[str, Any]:
+    """The keys of `qtrace agent trace` output, from the wire form."""
+    d: dict[str, Any] = {
+        "ts_ns": e.ts_ns,
+        "dur_ns": e.dur_ns,
+        "kind": e.kind,
+        "pid": e.pid,
+        "tid": e.tid,
+        "comm": e.comm,
+        "fd": e.fd,
+        "target": e.target if e.has_target else None,
+        "ret": e.ret,
+        "query_id": e.query_id if e.has_query_id else None,
+        "request_key": e.request_key,
+        "inferred": e.inferred,
+        "group": e.group,
+        "cgroup_id": e.cgroup_id,
+        "mono_ns": e.mono_ns,
+    }
+    if e.detail_json:
+        d["detail"] = json.loads(e.detail_json)
+    return d
+
+
+def node_event_to_json(ne: services_pb2.NodeEvent) -> dict[str, Any]:
+    d = event_to_json(ne.event)
+    d["node"] = ne.node
+    d["agent_id"] = ne.agent_id
+    d["session_id"] = ne.session_id
+    return d
+
+
+def session_to_json(s: sessions_pb2.Session) -> dict[str, Any]:
+    t = s.targets
+    ex = s.extractor
+    return {
+        "session_id": s.id,
+        "state": STATE_NAMES.get(s.state, "unknown"),
+        "targets": {
+            "pids": list(t.pids),
+            "comms": list(t.comms),
+            "cmdline_regexes": list(t.cmdline_regexes),
+            "cgroups": list(t.cgroups),
+            "namespaces": list(t.namespaces),
+            "label_selector": t.label_selector or None,
+            "pods": list(t.pods),
+        },
+        "probes": list(s.probes),
+        "extractor": {"regex": ex.regex}
+        if ex.WhichOneof("how") == "regex"
+        else {"header": ex.header or "X-Query-Id"},
+        "created_ns": s.created_ns,
+        "expires_ns": s.expires_ns,
+        "remaining_s": max(0.0, (s.expires_ns - time.time_ns()) / 1e9)
+        if s.state == sessions_pb2.SESSION_STATE_ACTIVE
+        else 0.0,
+        "started_by": s.started_by,
+    }
+
+
+def drops_to_json(drops: Any) -> dict[str, dict[str, int]]:
+    return {
+        d.kind: {
+            "produced": d.produced,
+            "received": d.received,
+            "lost_ringbuf": d.lost_ringbuf,
+            "lost_mapfull": d.lost_mapfull,
+            "lost_agent": d.lost_agent,
+            "filtered": d.filtered,
+        }
+        for d in drops
+    }

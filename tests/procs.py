@@ -1,0 +1,94 @@
+"""Real qtrace processes for end-to-end tests: a collector and node agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+QTRACE = str(Path(sys.executable).parent / "qtrace")
+
+
+def qtrace(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [QTRACE, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"qtrace {' '.join(args)} failed: {r.stderr}")
+    return r
+
+
+def qtrace_json(*args: str) -> Any:
+    return json.loads(qtrace(*args, "--format", "json").stdout)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll a condition that has no notification to wait on (another process's state)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Proc:
+    def __init__(self, args: list[str], ready: str) -> None:
+        self.proc = subprocess.Popen(
+            [QTRACE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        assert self.proc.stderr is not None
+        self.first_line = self.proc.stderr.readline()  # printed once serving/attached
+        if ready not in self.first_line:
+            rest = self.proc.stderr.read()
+            self.proc.kill()
+            raise AssertionError(f"qtrace {args[0]} did not start: {self.first_line}{rest}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
+
+
+class Collector(Proc):
+    def __init__(self, db: Path, port: int = 0) -> None:
+        super().__init__(
+            ["collector", "run", "--db", str(db), "--listen", f"127.0.0.1:{port}"], "listening"
+        )
+        m = re.search(r":(\d+),", self.first_line)
+        assert m, self.first_line
+        self.port = int(m.group(1))
+        self.addr = f"127.0.0.1:{self.port}"
+
+
+class Agent(Proc):
+    def __init__(self, collector: str, node: str, scope: Path | None = None) -> None:
+        args = ["agent", "run", "--collector", collector, "--node", node]
+        if scope is not None:
+            args += ["--scope-cgroup", str(scope)]
+        super().__init__(args, "agent")
+
+
+def move_to_cgroup(pid: int, cg: Path) -> None:
+    (cg / "cgroup.procs").write_text(str(pid))
+
+
+def env_without_collector() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "QTRACE_COLLECTOR"}

@@ -1,0 +1,178 @@
+"""Collector + two node agents + the test search service, all real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from agent.targets import cgroup2_root
+from searchsvc.client import make_queries, run_queries
+from searchsvc.cluster import Cluster
+from tests.conftest import qtrace_programs
+from tests.procs import Agent, Collector, move_to_cgroup, qtrace, qtrace_json, wait_for
+from tests.test_targets import workload
+
+
+@pytest.fixture
+def nodes() -> Iterator[dict[str, Path]]:
+    """Two cgroup subtrees standing in for two nodes' process trees."""
+    base = cgroup2_root() / f"qtrace-nodes-{os.getpid()}"
+    cgs = {name: base / name for name in ("node-a", "node-b")}
+    for cg in cgs.values():
+        cg.mkdir(parents=True)
+    yield cgs
+    for cg in cgs.values():
+        for pid in (cg / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                move_to_cgroup(int(pid), cgroup2_root())
+        cg.rmdir()
+    base.rmdir()
+
+
+def session_status(addr: str, sid: str) -> dict[str, Any]:
+    status: dict[str, Any] = qtrace_json("session", "status", sid, "--collector", addr)
+    return status
+
+
+def joined(addr: str, sid: str, n: int) -> bool:
+    return len(session_status(addr, sid)["agents"]) >= n
+
+
+def complete(addr: str, sid: str, n: int) -> bool:
+    agents = session_status(addr, sid)["agents"]
+    return len(agents) >= n and all(a["complete"] for a in agents)
+
+
+def test_two_nodes_one_session(tmp_path: Path, nodes: dict[str, Path]) -> None:
+    col = Collector(tmp_path / "q.duckdb")
+    agents = [Agent(col.addr, name, scope) for name, scope in nodes.items()]
+    try:
+        with Cluster(tmp_path / "svc") as c:
+            move_to_cgroup(c.pids["root"], nodes["node-a"])
+            move_to_cgroup(c.pids["leaf0"], nodes["node-b"])
+            move_to_cgroup(c.pids["leaf1"], nodes["node-b"])
+            started = qtrace_json(
+                "session", "start", "--comm", "qt-root", "--comm", "qt-leaf",
+                "--duration", "5m", "--collector", col.addr,
+            )  # fmt: skip
+            sid = started["session_id"]
+            wait_for(lambda: joined(col.addr, sid, 2), 30, "both agents to start tracing")
+            queries = make_queries(300, seed=11)
+            results = run_queries(c.root_url, queries, concurrency=4)
+            assert all(r["status"] == 200 for r in results)
+            journals = {role: c.journal(role) for role in c.pids}
+            qtrace("session", "stop", sid, "--collector", col.addr)
+            wait_for(lambda: complete(col.addr, sid, 2), 60, "agents' final batches")
+            pids = dict(c.pids)
+
+        preads = {
+            role: {r["query_id"]: r["preads"] for r in j["records"]}
+            for role, j in journals.items()
+            if role.startswith("leaf")
+        }
+        for qid, _q in queries[::10]:  # every 10th query, through the CLI
+            shown = qtrace_json("query", "show", qid, "--collector", col.addr)
+            events = shown["events"]
+            assert shown["query_id"] == qid and events
+            assert all(e["query_id"] == qid for e in events)
+            by_node = Counter(e["node"] for e in events)
+            assert set(by_node) == {"node-a", "node-b"}
+            assert {e["pid"] for e in events if e["node"] == "node-a"} == {pids["root"]}
+            assert {e["pid"] for e in events if e["node"] == "node-b"} == {
+                pids["leaf0"],
+                pids["leaf1"],
+            }
+            ts = [e["ts_ns"] for e in events]
+            assert ts == sorted(ts)
+            for leaf in ("leaf0", "leaf1"):
+                n = sum(e["kind"] == "pread64" and e["pid"] == pids[leaf] for e in events)
+                assert n == preads[leaf][qid]
+        status = qtrace_json("status", "--collector", col.addr)
+        assert {a["node"] for a in status["agents"]} == {"node-a", "node-b"}
+        rows = [s for s in status["sessions"] if s["session_id"] == sid]
+        assert len(rows) == 2 and all(r["dropped"] == 0 for r in rows)
+    finally:
+        for a in agents:
+            a.stop()
+        col.stop()
+
+
+def test_collector_killed_mid_run_loses_and_duplicates_nothing(
+    tmp_path: Path, nodes: dict[str, Path]
+) -> None:
+    db = tmp_path / "q.duckdb"
+    col = Collector(db)
+    port = col.port
+    agents = [Agent(col.addr, name, scope) for name, scope in nodes.items()]
+    try:
+        with workload(tmp_path, "a") as wa, workload(tmp_path, "b") as wb:
+            move_to_cgroup(wa.pid, nodes["node-a"])
+            move_to_cgroup(wb.pid, nodes["node-b"])
+            sid = qtrace_json(
+                "session", "start", "--pid", str(wa.pid), "--pid", str(wb.pid),
+                "--probes", "storage", "--duration", "5m", "--collector", col.addr,
+            )["session_id"]  # fmt: skip
+            wait_for(lambda: joined(col.addr, sid, 2), 30, "both agents to start tracing")
+            wa.do("pwrite 2000")
+            wb.do("pwrite 2000")
+            col.kill()
+            # Written while the collector is down: the agents must keep it.
+            wa.do("pwrite 3000")
+            wb.do("pwrite 3000")
+            col = Collector(db, port)
+            qtrace("session", "stop", sid, "--collector", col.addr)
+            wait_for(lambda: complete(col.addr, sid, 2), 60, "agents' final batches")
+        st = session_status(col.addr, sid)
+        for a in st["agents"]:
+            assert a["drops"]["pwrite64"]["received"] == 5000
+            assert a["dropped"] == 0
+    finally:
+        for a in agents:
+            a.stop()
+        col.stop()
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        per_node = dict(
+            con.execute(
+                "SELECT node, count(*) FROM events WHERE kind = 'pwrite64' GROUP BY node"
+            ).fetchall()
+        )
+        distinct = con.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT agent_id, tid, mono_ns, kind FROM events)"
+        ).fetchone()
+        total = con.execute("SELECT count(*) FROM events").fetchone()
+    finally:
+        con.close()
+    assert per_node == {"node-a": 5000, "node-b": 5000}
+    assert distinct == total, "some events were stored twice"
+
+
+def test_sessions_expire_on_agents_even_without_the_collector(
+    tmp_path: Path, nodes: dict[str, Path]
+) -> None:
+    col = Collector(tmp_path / "q.duckdb")
+    agents = [Agent(col.addr, name, scope) for name, scope in nodes.items()]
+    try:
+        with workload(tmp_path, "a") as wa, workload(tmp_path, "b") as wb:
+            move_to_cgroup(wa.pid, nodes["node-a"])
+            move_to_cgroup(wb.pid, nodes["node-b"])
+            sid = qtrace_json(
+                "session", "start", "--pid", str(wa.pid), "--pid", str(wb.pid),
+                "--duration", "4s", "--collector", col.addr,
+            )["session_id"]  # fmt: skip
+            wait_for(lambda: joined(col.addr, sid, 2), 30, "both agents to start tracing")
+            assert qtrace_programs(), "agents should be tracing"
+            col.kill()
+            wait_for(lambda: not qtrace_programs(), 30, "agents to detach at expiry")
+            assert all(a.proc.poll() is None for a in agents), "agents must keep running"
+    finally:
+        for a in agents:
+            a.stop()
+        col.stop()
