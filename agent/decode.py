@@ -49,6 +49,12 @@ def _tuple_target(payload: bytes) -> str:
     return f"[{s}]:{sport}->[{d}]:{dport}"
 
 
+def headers_only(request: bytes) -> bytes:
+    """A captured request without its body: bodies leave the node only when asked for."""
+    end = request.find(b"\r\n\r\n")
+    return request if end < 0 else request[: end + 4]
+
+
 class RequestTable:
     """Kernel request key -> query id (None when the request carried none)."""
 
@@ -67,7 +73,15 @@ class RequestTable:
 
 
 class Decoder:
-    def __init__(self, extractor: QueryIdExtractor, resolver: FdResolver, clock: WallClock) -> None:
+    def __init__(
+        self,
+        extractor: QueryIdExtractor,
+        resolver: FdResolver,
+        clock: WallClock,
+        capture: tuple[bool, bool] = (False, False),
+    ) -> None:
+        """``capture``: (keep request bytes, keep their bodies too)."""
+        self.capture_requests, self.capture_bodies = capture
         self.extractor = extractor
         self.resolver = resolver
         self.clock = clock
@@ -101,8 +115,11 @@ class Decoder:
         payload = rec[abi.EVENT.size : abi.EVENT.size + plen] if plen else b""
         detail: dict[str, Any] | None = None
 
+        request: bytes | None = None
         if flags & abi.F_REQ_START:
             self.requests.set(req_key, self.extractor.extract(payload))
+            if self.capture_requests:
+                request = payload if self.capture_bodies else headers_only(payload)
 
         target: str | None = None
         res = self.resolver
@@ -164,6 +181,7 @@ class Decoder:
             cgroup_id=cgroup_id,
             mono_ns=ts_enter,
             detail=detail,
+            request=request,
         )
 
     def decode_exec(self, rec: bytes) -> tuple[int, str]:

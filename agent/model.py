@@ -24,9 +24,12 @@ class Event:
     cgroup_id: int
     mono_ns: int  # the kernel's CLOCK_MONOTONIC start, for ordering within a node
     detail: dict[str, Any] | None = None
+    # First bytes of the request this read started; only in sessions that capture.
+    request: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELD_NAMES}
 
 
-FIELD_NAMES = tuple(f.name for f in fields(Event))
+#: The JSON form leaves out captured request bytes (they are not text, and stay private).
+FIELD_NAMES = tuple(f.name for f in fields(Event) if f.name != "request")

@@ -58,6 +58,13 @@ def spec_for(s: sessions_pb2.Session, scope: str | None) -> TargetSpec:
     )
 
 
+def probe_config_for(s: sessions_pb2.Session) -> ProbeConfig:
+    groups = frozenset(s.probes) or ProbeConfig().groups
+    if s.capture.requests:
+        return ProbeConfig(groups=groups, capture_bytes=s.capture.max_bytes or 1024)
+    return ProbeConfig(groups=groups)
+
+
 def extractor_for(s: sessions_pb2.Session) -> QueryIdExtractor:
     ex = s.extractor
     if ex.WhichOneof("how") == "regex":
@@ -156,8 +163,9 @@ class AgentRuntime:
                     spec_for(s, self.scope),
                     SessionSink(sid, self.shipper),
                     extractor_for(s),
-                    ProbeConfig(groups=frozenset(s.probes) or ProbeConfig().groups),
+                    probe_config_for(s),
                     strict=False,
+                    capture=(s.capture.requests, s.capture.requests and s.capture.bodies),
                 ).start()
             except QtraceError as e:
                 log.error("session %s cannot run here: %s", sid, e)

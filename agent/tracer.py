@@ -34,10 +34,12 @@ class Tracer:
         drain_interval: float = 0.01,
         rescan_interval: float = 1.0,
         strict: bool = True,
+        capture: tuple[bool, bool] = (False, False),
     ) -> None:
         """``strict``: targets that do not exist are an error (a command line); otherwise
         they are waited for (a session, whose targets may live on other nodes)."""
         self.strict = strict
+        self.capture = capture
         self.spec = spec
         self.sink = sink
         self.extractor = extractor or QueryIdExtractor.header()
@@ -72,7 +74,7 @@ class Tracer:
             ) from e
         probes = self._probes
         self._fds = FdResolver(teach=probes.set_fd_type)
-        self._decoder = Decoder(self.extractor, self._fds, WallClock())
+        self._decoder = Decoder(self.extractor, self._fds, WallClock(), self.capture)
         if self.spec.comms or self.spec.cmdlines:
             probes.watch_exec(True)
         self.rescan()

@@ -75,6 +75,21 @@ def validate_batch(b: events_pb2.EventBatch) -> None:
                 raise BadBatch(f"{where}: event {i}: detail_json is not a JSON object") from err
 
 
+def validate_anomaly(a: anomalies_pb2.Anomaly) -> str | None:
+    if not a.query_id or len(a.query_id) > 256:
+        return "query_id must be 1-256 characters"
+    if a.type == anomalies_pb2.ANOMALY_TYPE_UNSPECIFIED:
+        return "type must be mismatch, latency or error"
+    if len(a.detail_json) > MAX_FIELD_BYTES:
+        return f"detail exceeds {MAX_FIELD_BYTES} bytes"
+    if a.detail_json:
+        try:
+            json.loads(a.detail_json)
+        except ValueError:
+            return "detail_json is not JSON"
+    return None
+
+
 class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.ControlServiceServicer):
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -245,15 +260,58 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             query_id=request.query_id, events=events, truncated=truncated
         )
 
+    def ListRequests(
+        self, request: services_pb2.ListRequestsRequest, context: grpc.ServicerContext
+    ) -> Iterator[services_pb2.CapturedRequest]:
+        try:
+            s = self.sessions.get(request.session_id)
+        except UnknownSession as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        if not s.capture.requests:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {s.id} did not capture requests: start one with --capture-requests",
+            )
+        with self._store_lock:
+            found = self.store.list_requests(s.id)
+        yield from found
+
     def ReportAnomalies(
         self, request: anomalies_pb2.ReportAnomaliesRequest, context: grpc.ServicerContext
     ) -> anomalies_pb2.ReportAnomaliesResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "anomaly reports arrive with replay")
+        if len(request.anomalies) > MAX_BATCH_EVENTS:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(request.anomalies)} anomalies in one request; the limit is "
+                f"{MAX_BATCH_EVENTS}",
+            )
+        for i, a in enumerate(request.anomalies):
+            problem = validate_anomaly(a)
+            if problem is None and a.session_id:
+                try:
+                    self.sessions.get(a.session_id)
+                except UnknownSession as e:
+                    context.abort(grpc.StatusCode.NOT_FOUND, f"anomaly {i}: {e}")
+            if problem is not None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"anomaly {i}: {problem}")
+        now = time.time_ns()
+        stamped = []
+        for a in request.anomalies:
+            b = anomalies_pb2.Anomaly()
+            b.CopyFrom(a)
+            b.ts_ns = b.ts_ns or now
+            b.source = b.source or "grpc"
+            stamped.append(b)
+        with self._store_lock:
+            n = self.store.add_anomalies(stamped, now)
+        return anomalies_pb2.ReportAnomaliesResponse(accepted=n)
 
     def ListAnomalies(
         self, request: anomalies_pb2.ListAnomaliesRequest, context: grpc.ServicerContext
     ) -> anomalies_pb2.ListAnomaliesResponse:
-        return anomalies_pb2.ListAnomaliesResponse()
+        with self._store_lock:
+            found = self.store.list_anomalies(request.session_id or None)
+        return anomalies_pb2.ListAnomaliesResponse(anomalies=found)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -48,6 +48,11 @@ def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
             raise SessionError(f"unknown probe group {p!r}; known: net, storage, all")
     if req.duration_ns < 0 or req.duration_ns > MAX_DURATION_NS:
         raise SessionError("duration must be between 1 s and 24 h")
+    cap = req.capture
+    if cap.bodies and not cap.requests:
+        raise SessionError("capturing bodies needs capturing requests (--capture-requests)")
+    if cap.max_bytes and (not 16 <= cap.max_bytes <= 4096 or cap.max_bytes & (cap.max_bytes - 1)):
+        raise SessionError("capture bytes must be a power of two from 16 to 4096")
     ex = req.extractor
     if ex.WhichOneof("how") == "regex":
         try:
@@ -86,6 +91,7 @@ class SessionRegistry:
             expires_ns=now + (req.duration_ns or DEFAULT_DURATION_NS),
             started_by=req.started_by or "unknown",
             state=sessions_pb2.SESSION_STATE_ACTIVE,
+            capture=req.capture,
         )
         with self._cv:
             self._sessions[s.id] = s

@@ -16,7 +16,7 @@ from typing import Any, Self
 import duckdb
 import pyarrow as pa
 
-from qtrace.api.v1 import events_pb2, services_pb2, sessions_pb2
+from qtrace.api.v1 import anomalies_pb2, events_pb2, services_pb2, sessions_pb2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS events (
     grp VARCHAR NOT NULL,
     cgroup_id UBIGINT NOT NULL,
     mono_ns UBIGINT NOT NULL,
-    detail VARCHAR
+    detail VARCHAR,
+    request BLOB
 );
 CREATE INDEX IF NOT EXISTS events_query_id ON events (query_id);
 CREATE TABLE IF NOT EXISTS drops (
@@ -68,6 +69,15 @@ CREATE TABLE IF NOT EXISTS sessions (
     id VARCHAR NOT NULL,
     state INTEGER NOT NULL,
     expires_ns BIGINT NOT NULL,
+    pb BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS anomalies (
+    query_id VARCHAR NOT NULL,
+    type INTEGER NOT NULL,
+    session_id VARCHAR NOT NULL,
+    ts_ns BIGINT NOT NULL,
+    source VARCHAR NOT NULL,
+    received_ns BIGINT NOT NULL,
     pb BLOB NOT NULL
 );
 """
@@ -94,6 +104,7 @@ EVENT_SCHEMA = pa.schema(
         ("cgroup_id", pa.uint64()),
         ("mono_ns", pa.uint64()),
         ("detail", pa.string()),
+        ("request", pa.binary()),
     ]
 )
 
@@ -246,6 +257,53 @@ class Store:
                 self._con.rollback()
                 raise
 
+    def list_requests(self, session_id: str) -> list[services_pb2.CapturedRequest]:
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT node, pid, comm, ts_ns, coalesce(query_id, ''), request,"
+                " coalesce(target, '') FROM events"
+                " WHERE session_id = ? AND request IS NOT NULL ORDER BY ts_ns, mono_ns",
+                [session_id],
+            ).fetchall()
+        return [
+            services_pb2.CapturedRequest(
+                node=r[0], pid=r[1], comm=r[2], ts_ns=r[3], query_id=r[4], request=r[5], target=r[6]
+            )
+            for r in rows
+        ]
+
+    def add_anomalies(self, anomalies: Sequence[anomalies_pb2.Anomaly], received_ns: int) -> int:
+        """Anomalies are few (one per bad query): plain rows, one transaction."""
+        rows = [
+            (
+                a.query_id,
+                a.type,
+                a.session_id,
+                a.ts_ns,
+                a.source,
+                received_ns,
+                a.SerializeToString(),
+            )
+            for a in anomalies
+        ]
+        with self._lock:
+            self._con.begin()
+            try:
+                self._con.executemany("INSERT INTO anomalies VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._con.commit()
+            except BaseException:
+                self._con.rollback()
+                raise
+        return len(rows)
+
+    def list_anomalies(self, session_id: str | None = None) -> list[anomalies_pb2.Anomaly]:
+        where, params = _filter(session_id=session_id)
+        with self._lock:
+            rows = self._con.execute(
+                f"SELECT pb FROM anomalies {where} ORDER BY ts_ns, received_ns", params
+            ).fetchall()
+        return [anomalies_pb2.Anomaly.FromString(r[0]) for r in rows]
+
     def load_sessions(self) -> list[sessions_pb2.Session]:
         with self._lock:
             rows = self._con.execute("SELECT pb FROM sessions ORDER BY id").fetchall()
@@ -329,6 +387,7 @@ def events_table(batch: events_pb2.EventBatch) -> pa.Table:
         [e.cgroup_id for e in evs],
         [e.mono_ns for e in evs],
         [e.detail_json or None for e in evs],
+        [e.request or None for e in evs],
     ]
     return pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, EVENT_SCHEMA, strict=True)],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from qtrace.commands import agent, collector, query, session
+from qtrace.commands import agent, anomaly, capture, collector, query, replay, session
 
 app = typer.Typer(
     name="qtrace",
@@ -17,7 +17,11 @@ app.add_typer(agent.app, name="agent")
 app.add_typer(collector.app, name="collector")
 app.add_typer(session.app, name="session")
 app.add_typer(query.app, name="query")
+app.add_typer(anomaly.app, name="anomaly")
 app.command("status")(query.status)
+app.command("anomalies")(anomaly.anomalies)
+app.command("replay")(replay.replay)
+app.command("capture")(capture.capture)
 
 
 def main() -> None:

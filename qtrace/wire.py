@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from agent.model import Event
-from qtrace.api.v1 import events_pb2, services_pb2, sessions_pb2
+from qtrace.api.v1 import anomalies_pb2, events_pb2, services_pb2, sessions_pb2
 
 STATE_NAMES = {
     sessions_pb2.SESSION_STATE_ACTIVE: "active",
@@ -36,6 +36,7 @@ def event_to_pb(e: Event) -> events_pb2.Event:
         cgroup_id=e.cgroup_id,
         mono_ns=e.mono_ns,
         detail_json=json.dumps(e.detail) if e.detail is not None else "",
+        request=e.request or b"",
     )
 
 
@@ -96,6 +97,11 @@ def session_to_json(s: sessions_pb2.Session) -> dict[str, Any]:
         if s.state == sessions_pb2.SESSION_STATE_ACTIVE
         else 0.0,
         "started_by": s.started_by,
+        "capture": {
+            "requests": s.capture.requests,
+            "bodies": s.capture.bodies,
+            "max_bytes": s.capture.max_bytes,
+        },
     }
 
 
@@ -111,3 +117,49 @@ def drops_to_json(drops: Any) -> dict[str, dict[str, int]]:
         }
         for d in drops
     }
+
+
+ANOMALY_TYPES = {
+    "mismatch": anomalies_pb2.ANOMALY_TYPE_MISMATCH,
+    "latency": anomalies_pb2.ANOMALY_TYPE_LATENCY,
+    "error": anomalies_pb2.ANOMALY_TYPE_ERROR,
+}
+ANOMALY_NAMES = {v: k for k, v in ANOMALY_TYPES.items()}
+
+
+def anomaly_to_json(a: anomalies_pb2.Anomaly) -> dict[str, Any]:
+    return {
+        "query_id": a.query_id,
+        "type": ANOMALY_NAMES.get(a.type, "unknown"),
+        "session_id": a.session_id or None,
+        "ts_ns": a.ts_ns,
+        "source": a.source,
+        "detail": json.loads(a.detail_json) if a.detail_json else None,
+    }
+
+
+def anomaly_from_json(obj: Any) -> anomalies_pb2.Anomaly:
+    """One anomaly from its JSON form; ValueError says what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError("an anomaly must be a JSON object")
+    qid = obj.get("query_id")
+    if not isinstance(qid, str) or not qid:
+        raise ValueError("'query_id' must be a non-empty string")
+    kind = obj.get("type")
+    if kind not in ANOMALY_TYPES:
+        raise ValueError("'type' must be mismatch, latency or error")
+    ts = obj.get("ts_ns", 0)
+    if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
+        raise ValueError("'ts_ns' must be a non-negative integer")
+    sid = obj.get("session_id") or ""
+    if not isinstance(sid, str):
+        raise ValueError("'session_id' must be a string")
+    detail = obj.get("detail")
+    return anomalies_pb2.Anomaly(
+        query_id=qid,
+        type=ANOMALY_TYPES[kind],
+        session_id=sid,
+        ts_ns=ts,
+        detail_json=json.dumps(detail) if detail is not None else "",
+        source=str(obj.get("source") or "import"),
+    )

@@ -8,6 +8,10 @@ Layout of each ``shard-<i>.idx`` (little endian, all blocks BLOCK_SIZE bytes):
 
 A term lookup is therefore exactly one ``os.pread`` per shard file, which is
 what the tracer tests count.
+
+In "new deployment" mode a leaf also keeps a twin ``shard-<i>.idx.next`` of each
+shard: same layout and header, but every posting's doc id shifted by +1, so a
+lookup answered from the twins returns different hits (the stale-index fault).
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ SHARD_SHIFT = 20
 
 def shard_path(directory: Path, shard: int) -> Path:
     return directory / f"shard-{shard}.idx"
+
+
+def twin_path(directory: Path, shard: int) -> Path:
+    return directory / f"shard-{shard}.idx.next"
 
 
 def term_bucket(term: str, n_buckets: int) -> int:
@@ -89,6 +97,50 @@ def build_index(directory: Path, leaf_id: int, n_buckets: int = 1024, shards: in
         os.replace(tmp, path)
 
 
+def shift_block(block: bytes, delta: int = 1) -> bytes:
+    """A posting block with every doc id moved by ``delta`` (scores unchanged)."""
+    (count, pad) = _BLOCK_HEAD.unpack_from(block)
+    end = _BLOCK_HEAD.size + count * _ENTRY.size
+    parts = [_BLOCK_HEAD.pack(count, pad)]
+    parts.extend(
+        _ENTRY.pack((doc + delta) & 0xFFFFFFFF, score)
+        for doc, score in _ENTRY.iter_unpack(block[_BLOCK_HEAD.size : end])
+    )
+    return b"".join(parts).ljust(BLOCK_SIZE, b"\0")
+
+
+def build_twins(directory: Path) -> list[bytes]:
+    """Write ``shard-<i>.idx.next`` for every shard of ``directory``'s index.
+
+    Returns each twin's full content, which a refresher can keep rewriting.
+    """
+    contents = []
+    for shard in range(_shard_count(directory)):
+        live = shard_path(directory, shard).read_bytes()
+        if len(live) % BLOCK_SIZE:
+            raise ValueError(f"{directory}: shard {shard} is not whole blocks")
+        blocks = [live[:BLOCK_SIZE]]
+        blocks.extend(
+            shift_block(live[off : off + BLOCK_SIZE])
+            for off in range(BLOCK_SIZE, len(live), BLOCK_SIZE)
+        )
+        content = b"".join(blocks)
+        path = twin_path(directory, shard)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+        contents.append(content)
+    return contents
+
+
+def _shard_count(directory: Path) -> int:
+    with shard_path(directory, 0).open("rb") as f:
+        magic, version, _, _, shards, _, block = _HEADER.unpack(f.read(_HEADER.size))
+    if magic != MAGIC or version != VERSION or block != BLOCK_SIZE:
+        raise ValueError(f"{directory}: not a version {VERSION} index")
+    return int(shards)
+
+
 class Index:
     """Read-only view of one leaf's shard files, fds held open for its lifetime."""
 
@@ -102,8 +154,10 @@ class Index:
         return len(self._fds)
 
     @classmethod
-    def open(cls, directory: Path) -> Index:
-        fd0 = os.open(shard_path(directory, 0), os.O_RDONLY)
+    def open(cls, directory: Path, twin: bool = False) -> Index:
+        """Open the live shards, or with ``twin`` their ``.idx.next`` twins."""
+        path_of = twin_path if twin else shard_path
+        fd0 = os.open(path_of(directory, 0), os.O_RDONLY)
         fds = [fd0]
         try:
             magic, version, leaf_id, _, shards, n_buckets, block = _HEADER.unpack(
@@ -112,7 +166,7 @@ class Index:
             if magic != MAGIC or version != VERSION or block != BLOCK_SIZE:
                 raise ValueError(f"{directory}: not a version {VERSION} index")
             for shard in range(1, shards):
-                fd = os.open(shard_path(directory, shard), os.O_RDONLY)
+                fd = os.open(path_of(directory, shard), os.O_RDONLY)
                 fds.append(fd)
                 if os.pread(fd, BLOCK_SIZE, 0) != _header(leaf_id, shard, shards, n_buckets):
                     raise ValueError(f"{directory}: shard {shard} does not match")

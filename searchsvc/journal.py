@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 Role = Literal["root", "leaf", "fanout"]
 
@@ -19,17 +19,26 @@ class Record(TypedDict):
     start_ns: int
     end_ns: int
     preads: int
+    # None, or the fault this record's work suffered: leaf "stale-index" (answered
+    # from the .next twins) or "slow" (answer delayed past the root's deadline);
+    # root "dropped-leaf" (answered without some leaf); fanout "late" (the root
+    # had already answered without this leaf's reply).
+    fault: str | None
+    # Root records only: indexes of the leaves the root answered without.
+    dropped_leaves: NotRequired[list[int]]
 
 
 class Snapshot(TypedDict):
     pid: int
     records: list[Record]
     total_preads: int
+    # Spans started but not yet finished when the snapshot was taken.
+    in_flight: int
 
 
 @dataclass
 class Span:
-    """An open record; ``preads`` is bumped by the owning thread only."""
+    """An open record; its fields are set by the owning thread only."""
 
     query_id: str | None
     role: Role
@@ -37,14 +46,27 @@ class Span:
     start_ns: int = field(default_factory=time.monotonic_ns)
     tid: int = field(default_factory=threading.get_native_id)
     preads: int = 0
+    fault: str | None = None
+    dropped_leaves: list[int] = field(default_factory=list)
+    # Set by Journal.start: counted in the journal's in-flight spans.
+    tracked: bool = False
 
 
 class Journal:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
         self._records: list[Record] = []
         self._total_preads = 0
+        self._in_flight = 0
         self.pid = os.getpid()
+
+    def start(self, query_id: str | None, role: Role) -> Span:
+        """Open a span on the calling thread; it is in flight until ``finish``."""
+        span = Span(query_id, role, tracked=True)
+        with self._lock:
+            self._in_flight += 1
+        return span
 
     def finish(self, span: Span, end_ns: int | None = None) -> Record:
         record = Record(
@@ -55,9 +77,17 @@ class Journal:
             start_ns=span.start_ns,
             end_ns=time.monotonic_ns() if end_ns is None else end_ns,
             preads=span.preads,
+            fault=span.fault,
         )
+        if span.role == "root":
+            record["dropped_leaves"] = list(span.dropped_leaves)
         with self._lock:
             self._records.append(record)
+            if span.tracked:
+                span.tracked = False
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._settled.notify_all()
         return record
 
     def count_preads(self, n: int) -> None:
@@ -65,10 +95,19 @@ class Journal:
         with self._lock:
             self._total_preads += n
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, settle_s: float = 0.0) -> Snapshot:
+        """The records so far; first wait up to ``settle_s`` for no span in flight.
+
+        A reply is sent before its span is finished, and a root may answer before
+        a late fan-out (and the slow leaf behind it) is done, so a client that
+        wants every record of the queries it already got answers settles first.
+        """
         with self._lock:
+            if settle_s > 0:
+                self._settled.wait_for(lambda: not self._in_flight, settle_s)
             return Snapshot(
                 pid=self.pid,
                 records=list(self._records),
                 total_preads=self._total_preads,
+                in_flight=self._in_flight,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from collector.server import MAX_BATCH_EVENTS, Collector, serve
-from qtrace.api.v1 import events_pb2, services_pb2, services_pb2_grpc, sessions_pb2
+from qtrace.api.v1 import anomalies_pb2, events_pb2, services_pb2, services_pb2_grpc, sessions_pb2
 from tests.conftest import REPO
 from tests.procs import QTRACE
 
@@ -205,3 +206,69 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
         assert committed.read_bytes() == (tmp_path / rel).read_bytes(), (
             f"{rel} is stale: run scripts/gen_protos.sh"
         )
+
+
+def test_anomalies_from_every_source(
+    server: tuple[Collector, grpc.Channel], tmp_path: Path
+) -> None:
+    _collector, channel = server
+    target = channel._channel.target().decode()  # type: ignore[attr-defined]
+    sid = start_session(channel)
+    log = tmp_path / "a.jsonl"
+    log.write_text(
+        "\n".join(
+            [
+                json.dumps({"query_id": "q1", "type": "mismatch", "detail": {"paths": ["$.a"]},
+                            "ts_ns": 5, "session_id": sid}),
+                "{oops",
+                json.dumps({"query_id": "q2", "type": "slow"}),
+                json.dumps({"query_id": "q3", "type": "latency"}),
+                "",
+                json.dumps({"type": "error"}),
+            ]
+        )
+        + "\n"
+    )  # fmt: skip
+    r = subprocess.run(
+        [QTRACE, "anomaly", "import", str(log), "--collector", target, "--format", "json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    result = json.loads(r.stdout)
+    assert result["accepted"] == 2
+    assert [s["line"] for s in result["skipped"]] == [2, 3, 6]
+    assert "'type' must be" in result["skipped"][1]["error"]
+    subprocess.run(
+        [QTRACE, "anomaly", "report", "--query-id", "q4", "--type", "error",
+         "--detail", '{"target": "candidate"}', "--collector", target],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    ctl = services_pb2_grpc.ControlServiceStub(channel)
+    ctl.ReportAnomalies(
+        anomalies_pb2.ReportAnomaliesRequest(
+            anomalies=[
+                anomalies_pb2.Anomaly(query_id="q5", type=anomalies_pb2.ANOMALY_TYPE_LATENCY)
+            ]
+        )
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        ctl.ReportAnomalies(
+            anomalies_pb2.ReportAnomaliesRequest(anomalies=[anomalies_pb2.Anomaly(query_id="q6")])
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    listed = json.loads(
+        subprocess.run(
+            [QTRACE, "anomalies", "--collector", target, "--format", "json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+    )["anomalies"]  # fmt: skip
+    assert {(a["query_id"], a["type"], a["source"]) for a in listed} == {
+        ("q1", "mismatch", "import"), ("q3", "latency", "import"),
+        ("q4", "error", "cli"), ("q5", "latency", "grpc"),
+    }  # fmt: skip
+    only = json.loads(
+        subprocess.run(
+            [QTRACE, "anomalies", "--session", sid, "--collector", target, "--format", "json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+    )["anomalies"]  # fmt: skip
+    assert [(a["query_id"], a["detail"]) for a in only] == [("q1", {"paths": ["$.a"]})]

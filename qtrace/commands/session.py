@@ -53,6 +53,11 @@ def start(
     probes: Annotated[str, typer.Option(help="Probe groups: net,storage or all.")] = "all",
     query_id_header: Annotated[str | None, typer.Option(help="[X-Query-Id]")] = None,
     query_id_regex: Annotated[str | None, typer.Option(help="Group 1 is the id.")] = None,
+    capture_requests: Annotated[
+        bool, typer.Option(help="Keep request headers (for `qtrace capture`).")
+    ] = False,
+    capture_bodies: Annotated[bool, typer.Option(help="Keep request bodies too.")] = False,
+    capture_bytes: Annotated[int, typer.Option(help="Bytes kept per request.")] = 1024,
     collector: CollectorOpt = DEFAULT_ADDR,
     fmt: FormatOpt = DEFAULT_FORMAT,
 ) -> None:
@@ -76,6 +81,11 @@ def start(
             extractor=extractor,
             duration_ns=parse_duration(duration),
             started_by=getpass.getuser(),
+            capture=sessions_pb2.Capture(
+                requests=capture_requests or capture_bodies,
+                bodies=capture_bodies,
+                max_bytes=capture_bytes,
+            ),
         )
         with control(collector) as call:
             s = call("StartSession", req)

@@ -29,6 +29,7 @@ class StartSessionRequest(_message.Message):
     EXTRACTOR_FIELD_NUMBER: _builtins.int
     DURATION_NS_FIELD_NUMBER: _builtins.int
     STARTED_BY_FIELD_NUMBER: _builtins.int
+    CAPTURE_FIELD_NUMBER: _builtins.int
     duration_ns: _builtins.int
     started_by: _builtins.str
     @_builtins.property
@@ -37,6 +38,8 @@ class StartSessionRequest(_message.Message):
     def probes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def extractor(self) -> _sessions_pb2.Extractor: ...
+    @_builtins.property
+    def capture(self) -> _sessions_pb2.Capture: ...
     def __init__(
         self,
         *,
@@ -45,10 +48,11 @@ class StartSessionRequest(_message.Message):
         extractor: _sessions_pb2.Extractor | None = ...,
         duration_ns: _builtins.int = ...,
         started_by: _builtins.str = ...,
+        capture: _sessions_pb2.Capture | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["extractor", b"extractor", "targets", b"targets"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "extractor", b"extractor", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ns", b"duration_ns", "extractor", b"extractor", "probes", b"probes", "started_by", b"started_by", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "duration_ns", b"duration_ns", "extractor", b"extractor", "probes", b"probes", "started_by", b"started_by", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,3 +344,60 @@ class QueryEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryEventsResponse: _TypeAlias = QueryEventsResponse  # noqa: Y015
+
+@_typing.final
+class ListRequestsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRequestsRequest: _TypeAlias = ListRequestsRequest  # noqa: Y015
+
+@_typing.final
+class CapturedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    COMM_FIELD_NUMBER: _builtins.int
+    TS_NS_FIELD_NUMBER: _builtins.int
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    pid: _builtins.int
+    comm: _builtins.str
+    ts_ns: _builtins.int
+    query_id: _builtins.str
+    request: _builtins.bytes
+    target: _builtins.str
+    """the connection it arrived on"""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        comm: _builtins.str = ...,
+        ts_ns: _builtins.int = ...,
+        query_id: _builtins.str = ...,
+        request: _builtins.bytes = ...,
+        target: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comm", b"comm", "node", b"node", "pid", b"pid", "query_id", b"query_id", "request", b"request", "target", b"target", "ts_ns", b"ts_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapturedRequest: _TypeAlias = CapturedRequest  # noqa: Y015

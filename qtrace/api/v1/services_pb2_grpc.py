@@ -187,6 +187,11 @@ class ControlServiceStub:
                 request_serializer=qtrace_dot_api_dot_v1_dot_services__pb2.QueryEventsRequest.SerializeToString,
                 response_deserializer=qtrace_dot_api_dot_v1_dot_services__pb2.QueryEventsResponse.FromString,
                 _registered_method=True)
+        self.ListRequests = channel.unary_stream(
+                '/qtrace.api.v1.ControlService/ListRequests',
+                request_serializer=qtrace_dot_api_dot_v1_dot_services__pb2.ListRequestsRequest.SerializeToString,
+                response_deserializer=qtrace_dot_api_dot_v1_dot_services__pb2.CapturedRequest.FromString,
+                _registered_method=True)
         self.ReportAnomalies = channel.unary_unary(
                 '/qtrace.api.v1.ControlService/ReportAnomalies',
                 request_serializer=qtrace_dot_api_dot_v1_dot_anomalies__pb2.ReportAnomaliesRequest.SerializeToString,
@@ -239,6 +244,13 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRequests(self, request, context):
+        """Captured requests of a session (sessions started with capture), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportAnomalies(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -283,6 +295,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.QueryEvents,
                     request_deserializer=qtrace_dot_api_dot_v1_dot_services__pb2.QueryEventsRequest.FromString,
                     response_serializer=qtrace_dot_api_dot_v1_dot_services__pb2.QueryEventsResponse.SerializeToString,
+            ),
+            'ListRequests': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListRequests,
+                    request_deserializer=qtrace_dot_api_dot_v1_dot_services__pb2.ListRequestsRequest.FromString,
+                    response_serializer=qtrace_dot_api_dot_v1_dot_services__pb2.CapturedRequest.SerializeToString,
             ),
             'ReportAnomalies': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportAnomalies,
@@ -458,6 +475,33 @@ class ControlService:
             '/qtrace.api.v1.ControlService/QueryEvents',
             qtrace_dot_api_dot_v1_dot_services__pb2.QueryEventsRequest.SerializeToString,
             qtrace_dot_api_dot_v1_dot_services__pb2.QueryEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/qtrace.api.v1.ControlService/ListRequests',
+            qtrace_dot_api_dot_v1_dot_services__pb2.ListRequestsRequest.SerializeToString,
+            qtrace_dot_api_dot_v1_dot_services__pb2.CapturedRequest.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,8 @@ class ControlServiceStub:
     ListSessions: _grpc.UnaryUnaryMultiCallable[_services_pb2.ListSessionsRequest, _services_pb2.ListSessionsResponse]
     Status: _grpc.UnaryUnaryMultiCallable[_services_pb2.StatusRequest, _services_pb2.StatusResponse]
     QueryEvents: _grpc.UnaryUnaryMultiCallable[_services_pb2.QueryEventsRequest, _services_pb2.QueryEventsResponse]
+    ListRequests: _grpc.UnaryStreamMultiCallable[_services_pb2.ListRequestsRequest, _services_pb2.CapturedRequest]
+    """Captured requests of a session (sessions started with capture), oldest first."""
     ReportAnomalies: _grpc.UnaryUnaryMultiCallable[_anomalies_pb2.ReportAnomaliesRequest, _anomalies_pb2.ReportAnomaliesResponse]
     ListAnomalies: _grpc.UnaryUnaryMultiCallable[_anomalies_pb2.ListAnomaliesRequest, _anomalies_pb2.ListAnomaliesResponse]
 
@@ -96,6 +98,8 @@ class ControlServiceAsyncStub(ControlServiceStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_services_pb2.ListSessionsRequest, _services_pb2.ListSessionsResponse]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_services_pb2.StatusRequest, _services_pb2.StatusResponse]  # type: ignore[assignment]
     QueryEvents: _aio.UnaryUnaryMultiCallable[_services_pb2.QueryEventsRequest, _services_pb2.QueryEventsResponse]  # type: ignore[assignment]
+    ListRequests: _aio.UnaryStreamMultiCallable[_services_pb2.ListRequestsRequest, _services_pb2.CapturedRequest]  # type: ignore[assignment]
+    """Captured requests of a session (sessions started with capture), oldest first."""
     ReportAnomalies: _aio.UnaryUnaryMultiCallable[_anomalies_pb2.ReportAnomaliesRequest, _anomalies_pb2.ReportAnomaliesResponse]  # type: ignore[assignment]
     ListAnomalies: _aio.UnaryUnaryMultiCallable[_anomalies_pb2.ListAnomaliesRequest, _anomalies_pb2.ListAnomaliesResponse]  # type: ignore[assignment]
 
@@ -143,6 +147,14 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _services_pb2.QueryEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_services_pb2.QueryEventsResponse, _abc.Awaitable[_services_pb2.QueryEventsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRequests(
+        self,
+        request: _services_pb2.ListRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_services_pb2.CapturedRequest], _abc.AsyncIterator[_services_pb2.CapturedRequest]]:
+        """Captured requests of a session (sessions started with capture), oldest first."""
 
     @_abc_1.abstractmethod
     def ReportAnomalies(

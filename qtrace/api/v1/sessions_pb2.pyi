@@ -113,6 +113,36 @@ class Extractor(_message.Message):
 Global___Extractor: _TypeAlias = Extractor  # noqa: Y015
 
 @_typing.final
+class Capture(_message.Message):
+    """Capturing requests makes a replayable query log of live traffic. Off by default: request
+    bytes otherwise never leave the node.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    BODIES_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    requests: _builtins.bool
+    bodies: _builtins.bool
+    max_bytes: _builtins.int
+    """power of two, 16..4096; default 1024"""
+    def __init__(
+        self,
+        *,
+        requests: _builtins.bool = ...,
+        bodies: _builtins.bool = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bodies", b"bodies", "max_bytes", b"max_bytes", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Capture: _TypeAlias = Capture  # noqa: Y015
+
+@_typing.final
 class Session(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -125,6 +155,7 @@ class Session(_message.Message):
     STARTED_BY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     STOPPED_NS_FIELD_NUMBER: _builtins.int
+    CAPTURE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     created_ns: _builtins.int
     """collector wall clock"""
@@ -141,6 +172,8 @@ class Session(_message.Message):
 
     @_builtins.property
     def extractor(self) -> Global___Extractor: ...
+    @_builtins.property
+    def capture(self) -> Global___Capture: ...
     def __init__(
         self,
         *,
@@ -153,10 +186,11 @@ class Session(_message.Message):
         started_by: _builtins.str = ...,
         state: Global___SessionState.ValueType = ...,
         stopped_ns: _builtins.int = ...,
+        capture: Global___Capture | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["extractor", b"extractor", "targets", b"targets"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "extractor", b"extractor", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_ns", b"created_ns", "expires_ns", b"expires_ns", "extractor", b"extractor", "id", b"id", "probes", b"probes", "started_by", b"started_by", "state", b"state", "stopped_ns", b"stopped_ns", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "created_ns", b"created_ns", "expires_ns", b"expires_ns", "extractor", b"extractor", "id", b"id", "probes", b"probes", "started_by", b"started_by", "state", b"state", "stopped_ns", b"stopped_ns", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

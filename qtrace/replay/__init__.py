@@ -1,0 +1,1 @@
+"""Replay a query log against old and new deployments and report where they disagree."""
