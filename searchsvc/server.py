@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
 from types import FrameType
@@ -51,38 +52,82 @@ class Server(ThreadingHTTPServer):
         self.server_port = int(port)
 
 
+MAX_BODY = 1 << 20
+MAX_SETTLE_S = 20.0
+
+
 class JsonHandler(BaseHTTPRequestHandler):
-    """GET router: ``/search`` (journaled), ``/_journal``, ``/_health``."""
+    """Routes ``GET /search?q=`` and ``POST /search`` with body ``{"q": ...}`` (both
+    journaled), ``GET /_journal[?settle_ms=N]`` and ``GET /_health``."""
 
     protocol_version = "HTTP/1.1"
     # Buffer the status line, headers and body so the reply is a single send().
     wbufsize = 1 << 16
     disable_nagle_algorithm = True
     role: ClassVar[Role]
+    # Add "server_time_ns" (wall clock, differs on every call) to /search answers.
+    stamp_server_time: ClassVar[bool] = False
 
     @property
     def journal(self) -> Journal:
         return cast(Server, self.server).journal
 
     def do_GET(self) -> None:
-        span = Span(self.headers.get("X-Query-Id"), self.role)
         url = urlsplit(self.path)
         if url.path == "/search":
-            try:
-                q = parse_qs(url.query).get("q", [""])[0]
-                try:
-                    status, body = self.search(span, q)
-                except Exception as exc:
-                    status, body = 500, {"error": repr(exc)}
-                self.send_json(status, body)
-            finally:
-                self.journal.finish(span)
+            self.answer_search(parse_qs(url.query).get("q", [""])[0])
         elif url.path == "/_journal":
-            self.send_json(200, self.journal.snapshot())
+            settle_ms = parse_qs(url.query).get("settle_ms", ["0"])[0]
+            try:
+                settle_s = min(max(0.0, float(settle_ms) / 1000.0), MAX_SETTLE_S)
+            except ValueError:
+                self.send_json(400, {"error": f"bad settle_ms {settle_ms!r}"})
+                return
+            self.send_json(200, self.journal.snapshot(settle_s))
         elif url.path == "/_health":
             self.send_json(200, {"ok": True})
         else:
             self.send_json(404, {"error": f"no route {url.path}"})
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        length_text = self.headers.get("Content-Length")
+        try:
+            length = int(length_text) if length_text is not None else -1
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            # The body cannot be skipped reliably, so this connection is done.
+            self.close_connection = True
+            status = 411 if length_text is None else 400
+            self.send_json(status, {"error": f"bad Content-Length {length_text!r}"})
+            return
+        raw = self.rfile.read(length)
+        if url.path != "/search":
+            self.send_json(404, {"error": f"no POST route {url.path}"})
+            return
+        try:
+            payload = json.loads(raw)
+            q = payload.get("q", "") if isinstance(payload, dict) else None
+        except ValueError:
+            q = None
+        if not isinstance(q, str):
+            self.send_json(400, {"error": 'expected a JSON body {"q": "..."}'})
+            return
+        self.answer_search(q)
+
+    def answer_search(self, q: str) -> None:
+        span = self.journal.start(self.headers.get("X-Query-Id"), self.role)
+        try:
+            try:
+                status, body = self.search(span, q)
+            except Exception as exc:
+                status, body = 500, {"error": repr(exc)}
+            if self.stamp_server_time and isinstance(body, dict):
+                body["server_time_ns"] = time.time_ns()
+            self.send_json(status, body)
+        finally:
+            self.journal.finish(span)
 
     def search(self, span: Span, q: str) -> tuple[int, Any]:
         raise NotImplementedError

@@ -7,12 +7,13 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from qtrace.errors import QtraceError
 from qtrace.replay.compare import CompareOptions, Difference, Noise, Response, compare, diff
 from qtrace.replay.querylog import BadLine, Template, read
-from qtrace.errors import QtraceError
 from tests.httpstub import http_stub, json_answer
 from tests.procs import QTRACE
 
@@ -83,7 +84,7 @@ def test_query_log_lines() -> None:
     assert json.loads(body.body or b"") == {"q": 'say "hi"'}
 
 
-def replay(args: list[str]) -> tuple[int, dict[str, object], str]:
+def replay(args: list[str]) -> tuple[int, dict[str, Any], str]:
     r = subprocess.run(
         [QTRACE, "replay", "--format", "json", "--no-report", *args],
         capture_output=True, text=True, timeout=120, check=False,
@@ -126,13 +127,13 @@ def test_trouble_is_counted_and_the_replay_goes_on(tmp_path: Path) -> None:
     assert summary["malformed_lines"] == [
         {"line": 6, "error": "not JSON (Expecting property name enclosed in double quotes)"}
     ]
-    mism = {m["query_id"]: m["paths"] for m in summary["mismatches"]}  # type: ignore[attr-defined]
+    mism = {m["query_id"]: m["paths"] for m in summary["mismatches"]}
     assert mism == {"q3": ["$.v"], "qh": ["$body"]}
     errors = summary["errors"]
-    assert len(errors) == 6 and {e["target"] for e in errors} == {"secondary"}  # type: ignore[attr-defined]
+    assert len(errors) == 6 and {e["target"] for e in errors} == {"secondary"}
     assert all(
         "Connection refused" in e["error"] or "ConnectionRefused" in e["error"] for e in errors
-    )  # type: ignore[attr-defined]
+    )
     # Every request carried its id in the query-id header.
     assert sorted(h["X-Query-Id"] for _m, _p, h, _b in p_stub.requests) == sorted(
         [f"q{i}" for i in range(5)] + ["qh"]
@@ -160,10 +161,11 @@ def test_ctrl_c_prints_the_summary_so_far(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
+    targets = ["--primary", "http://a:1", "--candidate", "http://b:1"]
     for args, says in [
-        (["--queries", str(tmp_path / "none"), "--primary", "http://a:1", "--candidate", "http://b:1"], "cannot read"),
-        (["--queries", "x", "--primary", "ftp://a", "--candidate", "http://b:1"], "invalid --primary URL"),
-    ]:  # fmt: skip
+        (["--queries", str(tmp_path / "none"), *targets], "cannot read"),
+        (["--queries", "x", *targets[:1], "ftp://a", *targets[2:]], "invalid --primary URL"),
+    ]:
         code, _summary, stderr = replay(args)
         assert code == 2
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
