@@ -33,11 +33,16 @@ def make_queries(n: int, seed: int = 0) -> list[tuple[str, str]]:
 class _RootClient:
     """One worker's connection; reconnects after errors or when not keep-alive."""
 
-    def __init__(self, root_url: str, keepalive: bool, timeout_s: float) -> None:
+    def __init__(
+        self, root_url: str, keepalive: bool, timeout_s: float, method: str = "GET"
+    ) -> None:
+        if method not in ("GET", "POST"):
+            raise ValueError(f"method must be GET or POST, got {method!r}")
         parts = urlsplit(root_url)
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port
         self._keepalive = keepalive
+        self._method = method
         self._timeout_s = timeout_s
         self._conn: http.client.HTTPConnection | None = None
 
@@ -52,7 +57,12 @@ class _RootClient:
                 self._conn = http.client.HTTPConnection(
                     self._host, self._port, timeout=self._timeout_s
                 )
-            self._conn.request("GET", "/search?" + urlencode({"q": q}), headers=headers)
+            if self._method == "POST":
+                headers["Content-Type"] = "application/json"
+                payload = json.dumps({"q": q}).encode()
+                self._conn.request("POST", "/search", body=payload, headers=headers)
+            else:
+                self._conn.request("GET", "/search?" + urlencode({"q": q}), headers=headers)
             resp = self._conn.getresponse()
             body = json.loads(resp.read())
             result["status"] = resp.status
@@ -67,6 +77,7 @@ class _RootClient:
         result["hits"] = body.get("hits", [])
         result["leaves"] = body.get("leaves", 0)
         result["leaf_hits"] = body.get("leaf_hits", [])
+        result["body"] = body
         return result
 
     def close(self) -> None:
@@ -91,18 +102,21 @@ def run_queries(
     concurrency: int = 1,
     keepalive: bool = True,
     timeout_s: float = 30.0,
+    method: str = "GET",
 ) -> list[dict[str, Any]]:
     """Send every query once; results are in the order of ``queries``.
 
     Each result has ``query_id, status, latency_ns, hits`` plus the root's
-    ``leaves`` and ``leaf_hits`` (and ``error`` when status is 0).
+    ``leaves`` and ``leaf_hits``, its whole JSON answer as ``body`` (``{}`` on
+    errors) and ``error`` when status is 0.  ``method`` "POST" sends the query as
+    a JSON body ``{"q": ...}`` instead of ``?q=``.
     """
     results: list[dict[str, Any]] = [{} for _ in queries]
     lock = threading.Lock()
     pending = iter(range(len(queries)))
 
     def work(_: int) -> None:
-        client = _RootClient(root_url, keepalive, timeout_s)
+        client = _RootClient(root_url, keepalive, timeout_s, method)
         try:
             while True:
                 with lock:

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from searchsvc.faults import FAULTS, FaultConfig
 from searchsvc.index import build_index
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -45,6 +46,10 @@ class Cluster:
     """Builds indexes under ``data_dir`` and runs ``n_leaves`` leaves + 1 root.
 
     Roles are ``"root"``, ``"leaf0"``, ``"leaf1"``, ...
+
+    ``fault_rate`` 0 is the "old deployment"; above 0 it is the "new" one, where
+    each query may hit the ``faults`` (see :mod:`searchsvc.faults`), decided by
+    each leaf from ``random.Random(fault_seed + leaf_id)``.
     """
 
     def __init__(
@@ -57,7 +62,14 @@ class Cluster:
         shards: int = 4,
         n_buckets: int = 1024,
         startup_timeout_s: float = 30.0,
+        fault_rate: float = 0.0,
+        faults: tuple[str, ...] = FAULTS,
+        deadline_ms: int = 2000,
+        fault_seed: int = 0,
     ) -> None:
+        self.fault_config = FaultConfig(
+            rate=fault_rate, faults=tuple(faults), deadline_ms=deadline_ms, seed=fault_seed
+        )
         self.data_dir = Path(data_dir)
         self.host = host
         self.root_port = root_port
@@ -87,9 +99,11 @@ class Cluster:
             for i in range(self.n_leaves):
                 index_dir = self.data_dir / f"leaf{i}"
                 build_index(index_dir, i, n_buckets=self.n_buckets, shards=self.shards)
-                port = self._spawn(f"leaf{i}", "searchsvc.leaf", ["--index", str(index_dir)], 0)
+                args = ["--index", str(index_dir), *self.fault_config.argv()]
+                port = self._spawn(f"leaf{i}", "searchsvc.leaf", args, 0)
                 leaf_addrs += ["--leaf", f"{_connect_host(self.host)}:{port}"]
-            self._spawn("root", "searchsvc.root", leaf_addrs, self.root_port)
+            root_args = [*leaf_addrs, *self.fault_config.argv()]
+            self._spawn("root", "searchsvc.root", root_args, self.root_port)
         except BaseException:
             self.stop()
             raise
@@ -122,8 +136,11 @@ class Cluster:
         self.urls[role] = _url(_connect_host(self.host), bound)
         return bound
 
-    def journal(self, role: str) -> dict[str, Any]:
-        result: dict[str, Any] = get_json(self.urls[role], "/_journal")
+    def journal(self, role: str, settle_s: float = 0.0) -> dict[str, Any]:
+        """``role``'s journal; with ``settle_s``, first wait up to that long until
+        it has no span in flight (its ``in_flight`` says if that was reached)."""
+        path = f"/_journal?settle_ms={round(settle_s * 1000)}" if settle_s > 0 else "/_journal"
+        result: dict[str, Any] = get_json(self.urls[role], path, timeout_s=30.0 + settle_s)
         return result
 
     def stop(self, timeout_s: float = 10.0) -> dict[str, int]:

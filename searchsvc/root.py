@@ -1,32 +1,57 @@
 """Root process: fans each ``/search`` out to every leaf in parallel.
 
 Run as ``python -m searchsvc.root --leaf HOST:PORT --leaf HOST:PORT
-[--host H] [--port P]``; prints the bound port on stdout once listening.
+[--host H] [--port P] [--fault-rate F --faults ... --deadline-ms MS]``; prints
+the bound port on stdout once listening.
+
+The answer holds every hit of every leaf that answered (up to 10 each), so any
+change in one leaf's answer shows.  With the deadline fault enabled, the root
+waits for each leaf at most ``--deadline-ms`` and answers without the late ones
+(journaled as ``dropped_leaves``); without it, it waits for every leaf.
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
 import http.client
 import json
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
+from searchsvc.faults import FaultConfig, add_fault_args
 from searchsvc.journal import Journal, Role, Span
 from searchsvc.server import JsonHandler, Server, serve, set_process_name
 
-TOP_K = 10
 LEAF_TIMEOUT_S = 30.0
 
 
-@dataclass(eq=False)  # identity equality: `in` checks below
+@dataclass(eq=False)
 class LeafReply:
+    """One fan-out's outcome, handed over under ``lock``: the root uses it only if
+    ``done`` was set before the root gave up on it (``abandoned``)."""
+
     status: int = 0
     body: Any = None
     error: str | None = None
+    done: bool = False
+    abandoned: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def complete(self) -> bool:
+        """Called by the fan-out thread; False if the root already answered."""
+        with self.lock:
+            self.done = True
+            return not self.abandoned
+
+    def abandon(self) -> bool:
+        """Called by the root at its deadline; True if the reply is not in yet."""
+        with self.lock:
+            if not self.done:
+                self.abandoned = True
+            return self.abandoned
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -36,26 +61,37 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def merge_hits(hit_lists: list[list[list[float]]]) -> list[list[float]]:
+    """Every hit of every list, by score descending, then doc id."""
+    return sorted((hit for hits in hit_lists for hit in hits), key=lambda h: (-h[1], h[0]))
+
+
 class RootHandler(JsonHandler):
     role: ClassVar[Role] = "root"
+    stamp_server_time: ClassVar[bool] = True
     leaves: ClassVar[list[tuple[str, int]]]
+    faults: ClassVar[FaultConfig] = FaultConfig()
 
     def fanout(
         self, leaf: tuple[str, int], path: str, query_id: str | None, out: LeafReply
     ) -> None:
-        span = Span(query_id, "fanout")
+        span = self.journal.start(query_id, "fanout")
         try:
-            conn = http.client.HTTPConnection(*leaf, timeout=LEAF_TIMEOUT_S)
             try:
-                headers = {} if query_id is None else {"X-Query-Id": query_id}
-                conn.request("GET", path, headers=headers)
-                resp = conn.getresponse()
-                out.body = json.loads(resp.read())
-                out.status = resp.status
+                conn = http.client.HTTPConnection(*leaf, timeout=LEAF_TIMEOUT_S)
+                try:
+                    headers = {} if query_id is None else {"X-Query-Id": query_id}
+                    conn.request("GET", path, headers=headers)
+                    resp = conn.getresponse()
+                    out.body = json.loads(resp.read())
+                    out.status = resp.status
+                finally:
+                    conn.close()
+            except Exception as exc:
+                out.error = repr(exc)
             finally:
-                conn.close()
-        except Exception as exc:
-            out.error = repr(exc)
+                if not out.complete():
+                    span.fault = "late"
         finally:
             self.journal.finish(span)
 
@@ -64,27 +100,43 @@ class RootHandler(JsonHandler):
         replies = [LeafReply() for _ in self.leaves]
         # A fresh thread per leaf, created by this request thread, so a tracer
         # following thread creation attributes the fan-out to this query.
+        # Daemon: a late fan-out must not hold up the process's exit.
         threads = [
-            threading.Thread(target=self.fanout, args=(leaf, path, span.query_id, reply))
+            threading.Thread(
+                target=self.fanout, args=(leaf, path, span.query_id, reply), daemon=True
+            )
             for leaf, reply in zip(self.leaves, replies, strict=True)
         ]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        if self.faults.enabled("deadline"):
+            deadline = time.monotonic() + self.faults.deadline_s
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+        else:
+            for t in threads:
+                t.join()
+        dropped = [i for i, r in enumerate(replies) if r.abandon()]
+        for i, t in enumerate(threads):
+            if i not in dropped:
+                t.join()  # its reply is in; at most its journal record is left
+        span.dropped_leaves = dropped
+        if dropped:
+            span.fault = "dropped-leaf"
 
-        good = [r for r in replies if r.status == 200 and r.error is None]
-        hits = heapq.nsmallest(
-            TOP_K, (hit for r in good for hit in r.body["hits"]), key=lambda h: (-h[1], h[0])
-        )
+        answered = [i for i in range(len(replies)) if i not in dropped]
+        good = [i for i in answered if replies[i].status == 200 and replies[i].error is None]
         body: dict[str, Any] = {
             "query_id": span.query_id,
-            "hits": hits,
+            "hits": merge_hits([replies[i].body["hits"] for i in good]),
             "leaves": len(good),
-            # Top-10 may by chance come from one leaf; this proves both answered.
-            "leaf_hits": [len(r.body["hits"]) if r in good else None for r in replies],
+            "leaf_hits": [
+                len(reply.body["hits"]) if i in good else None for i, reply in enumerate(replies)
+            ],
         }
-        errors = [r.error or f"status {r.status}" for r in replies if r not in good]
+        errors = [
+            replies[i].error or f"status {replies[i].status}" for i in answered if i not in good
+        ]
         if errors:
             body["errors"] = errors
         return (200 if not errors else 502), body
@@ -97,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leaf", type=parse_hostport, action="append", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    add_fault_args(parser)
     args = parser.parse_args(argv)
 
-    handler = type("BoundRootHandler", (RootHandler,), {"leaves": args.leaf})
+    attrs = {"leaves": args.leaf, "faults": FaultConfig.from_args(args)}
+    handler = type("BoundRootHandler", (RootHandler,), attrs)
     return serve(Server((args.host, args.port), handler, Journal()))
 
 

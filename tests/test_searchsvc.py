@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from searchsvc.client import make_queries, run_queries
 from searchsvc.cluster import Cluster, get_json
-from searchsvc.index import BLOCK_SIZE, Index, build_index, doc_leaf, shard_path
+from searchsvc.faults import FaultConfig, FaultDice
+from searchsvc.index import (
+    BLOCK_SIZE,
+    Index,
+    build_index,
+    build_twins,
+    doc_leaf,
+    shard_path,
+    twin_path,
+)
 
 SHARDS = 4
 
@@ -29,6 +42,27 @@ def _pid_gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def _request(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _without_time(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != "server_time_ns"}
 
 
 def test_index_is_deterministic_and_idempotent(tmp_path: Path) -> None:
@@ -62,14 +96,19 @@ def test_cluster_journals_match_queries(tmp_path: Path, keepalive: bool) -> None
         pids = cluster.pids
         assert set(pids) == {"root", "leaf0", "leaf1"}
         results = run_queries(cluster.root_url, queries, concurrency=4, keepalive=keepalive)
-        journals = {role: cluster.journal(role) for role in pids}
+        # A span ends just after its reply is sent: settle before reading.
+        journals = {role: cluster.journal(role, settle_s=10) for role in pids}
     codes = cluster.returncodes
 
     assert [r["query_id"] for r in results] == [qid for qid, _ in queries]
     for r in results:
         assert r["status"] == 200, r
         assert r["leaves"] == 2 and all(n > 0 for n in r["leaf_hits"]), r
-        assert 0 < len(r["hits"]) <= 10
+        # Every hit of both leaves, best first.
+        assert len(r["hits"]) == sum(r["leaf_hits"]) <= 20
+        assert r["hits"] == sorted(r["hits"], key=lambda h: (-h[1], h[0]))
+        assert {doc_leaf(doc) for doc, _ in r["hits"]} == {0, 1}
+        assert isinstance(r["body"]["server_time_ns"], int)
         assert r["latency_ns"] > 0
 
     root = journals["root"]
@@ -81,7 +120,9 @@ def test_cluster_journals_match_queries(tmp_path: Path, keepalive: bool) -> None
         assert roles == {"root": 1, "fanout": 2}, (qid, recs)
         assert len({rec["tid"] for rec in recs}) == 3, "fan-out must use new threads"
         (top,) = [rec for rec in recs if rec["role"] == "root"]
+        assert top["dropped_leaves"] == []
         for rec in recs:
+            assert rec["fault"] is None
             assert rec["pid"] == pids["root"]
             assert top["start_ns"] <= rec["start_ns"] <= rec["end_ns"] <= top["end_ns"]
 
@@ -96,6 +137,7 @@ def test_cluster_journals_match_queries(tmp_path: Path, keepalive: bool) -> None
         for qid, recs in leaf_by_qid.items():
             (rec,) = recs
             assert rec["role"] == "leaf" and rec["pid"] == pids[leaf]
+            assert rec["fault"] is None and "dropped_leaves" not in rec
             assert rec["preads"] == terms[qid] * SHARDS
             # Causality across processes on the shared monotonic clock: the
             # leaf started after some fan-out began and before it finished.
@@ -112,8 +154,196 @@ def test_missing_query_id_passes_through(tmp_path: Path) -> None:
         body = get_json(cluster.root_url, "/search?q=alpha")
         assert body["query_id"] is None and body["leaves"] == 2
         assert get_json(cluster.root_url, "/_health") == {"ok": True}
-        root = cluster.journal("root")
-        leaf = cluster.journal("leaf0")
+        root = cluster.journal("root", settle_s=10)
+        leaf = cluster.journal("leaf0", settle_s=10)
     assert [r["query_id"] for r in root["records"]] == [None] * 3
     assert [(r["query_id"], r["preads"]) for r in leaf["records"]] == [(None, 4)]
     assert cluster.returncodes == {"root": 0, "leaf0": 0, "leaf1": 0}
+
+
+def test_twins_shift_every_doc_id(tmp_path: Path) -> None:
+    build_index(tmp_path, leaf_id=1, n_buckets=32, shards=SHARDS)
+    contents = build_twins(tmp_path)
+    assert len(contents) == SHARDS
+    for shard in range(SHARDS):
+        twin = twin_path(tmp_path, shard).read_bytes()
+        assert twin == contents[shard]
+        live = shard_path(tmp_path, shard).read_bytes()
+        assert len(twin) == len(live) and twin[:BLOCK_SIZE] == live[:BLOCK_SIZE]
+    with Index.open(tmp_path) as live_index, Index.open(tmp_path, twin=True) as twin_index:
+        assert (twin_index.leaf_id, twin_index.shards) == (1, SHARDS)
+        for term in ("kernel", "alpha", "zulu"):
+            postings, preads = live_index.lookup(term)
+            assert twin_index.lookup(term) == ([(d + 1, sc) for d, sc in postings], preads)
+
+
+def test_fault_dice_is_reproducible_and_exclusive() -> None:
+    config = FaultConfig(rate=0.05, seed=9)
+    dice, again = FaultDice(config, 1), FaultDice(config, 1)
+    a = [dice.draw() for _ in range(2000)]
+    assert a == [again.draw() for _ in range(2000)]
+    counts = Counter(a)
+    assert set(counts) == {None, "stale-index", "deadline"}
+    assert 50 <= counts["stale-index"] <= 150 and 50 <= counts["deadline"] <= 150
+    assert [FaultDice(config, 2).draw() for _ in range(2000)] != a  # seeded per leaf
+    old = FaultDice(FaultConfig(), 0)
+    assert {old.draw() for _ in range(1000)} == {None}
+
+
+def test_post_search_answers_like_get(tmp_path: Path) -> None:
+    with Cluster(tmp_path) as cluster:
+        url = cluster.root_url
+        get_status, got = _request(
+            url, "GET", "/search?q=kernel+probe", headers={"X-Query-Id": "g"}
+        )
+        body = json.dumps({"q": "kernel probe"}).encode()
+        post_status, posted = _request(url, "POST", "/search", body, {"X-Query-Id": "g"})
+        bad_status, bad = _request(url, "POST", "/search", b"[1]")
+        missing_status, _ = _request(url, "POST", "/nowhere", b"{}")
+        # Keep-alive: two POSTs and a GET on one connection.
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+        try:
+            answers = []
+            for method, path, payload in [
+                ("POST", "/search", body),
+                ("POST", "/search", b'{"q": "alpha"}'),
+                ("GET", "/search?q=alpha", None),
+            ]:
+                conn.request(method, path, body=payload)
+                resp = conn.getresponse()
+                answers.append((resp.status, json.loads(resp.read())))
+        finally:
+            conn.close()
+        post_results = run_queries(url, [("p1", "kernel probe")], method="POST")
+        root = cluster.journal("root", settle_s=10)
+
+    assert get_status == post_status == 200
+    assert _without_time(got) == _without_time(posted)
+    assert got["query_id"] == "g" and got["leaves"] == 2 and got["hits"]
+    assert got["server_time_ns"] != posted["server_time_ns"]
+    assert abs(got["server_time_ns"] - time.time_ns()) < 60 * 10**9
+    assert bad_status == 400 and "error" in bad
+    assert missing_status == 404
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert _without_time(answers[0][1]) == {**_without_time(got), "query_id": None}
+    assert _without_time(answers[1][1]) == _without_time(answers[2][1])
+    assert post_results[0]["status"] == 200
+    assert _without_time(post_results[0]["body"]) == {**_without_time(got), "query_id": "p1"}
+    tops = [r for r in root["records"] if r["role"] == "root"]
+    assert [r["query_id"] for r in tops] == ["g", "g", None, None, None, "p1"]
+    assert root["in_flight"] == 0
+
+
+def _expected_new_body(
+    old: dict[str, Any], stale: set[int], dropped: list[int], n_leaves: int
+) -> dict[str, Any]:
+    """What the new root must answer, from the old answer and the journaled faults."""
+    per_leaf: dict[int, list[list[float]]] = defaultdict(list)
+    for doc, score in old["hits"]:
+        per_leaf[doc_leaf(int(doc))].append(
+            [doc + 1 if doc_leaf(int(doc)) in stale else doc, score]
+        )
+    kept = [leaf for leaf in range(n_leaves) if leaf not in dropped]
+    hits = [hit for leaf in kept for hit in per_leaf[leaf]]
+    return {
+        "query_id": old["query_id"],
+        "hits": sorted(hits, key=lambda h: (-h[1], h[0])),
+        "leaves": len(kept),
+        "leaf_hits": [n if leaf in kept else None for leaf, n in enumerate(old["leaf_hits"])],
+    }
+
+
+def test_new_mode_differs_exactly_on_journaled_faults(tmp_path: Path) -> None:
+    n, rate, deadline_ms, seed = 300, 0.05, 300, 11
+    queries = make_queries(n, seed=23)
+    started = time.monotonic()
+    with (
+        Cluster(tmp_path / "old", shards=SHARDS) as old,
+        Cluster(
+            tmp_path / "new",
+            shards=SHARDS,
+            fault_rate=rate,
+            deadline_ms=deadline_ms,
+            fault_seed=seed,
+        ) as new,
+    ):
+        old_results = run_queries(old.root_url, queries, concurrency=4)
+        new_results = run_queries(new.root_url, queries, concurrency=4)
+        elapsed = time.monotonic() - started
+        # Settle: slow leaves and the root's late fan-outs finish after the answers.
+        journals = {role: new.journal(role, settle_s=10) for role in new.pids}
+        old_journals = {role: old.journal(role, settle_s=10) for role in old.pids}
+        twins = sorted(p.name for p in (tmp_path / "new" / "leaf0").glob("*.next"))
+        old_twins = list((tmp_path / "old" / "leaf0").glob("*.next"))
+    assert new.returncodes == old.returncodes == {"root": 0, "leaf0": 0, "leaf1": 0}
+    assert twins == [f"shard-{i}.idx.next" for i in range(SHARDS)] and not old_twins
+    assert elapsed < 60, f"{n} queries took {elapsed:.1f}s"
+
+    assert all(j["in_flight"] == 0 for j in [*journals.values(), *old_journals.values()])
+    for j in old_journals.values():
+        assert {r["fault"] for r in j["records"]} == {None}
+
+    # Ground truth from the new deployment's journals.
+    stale: dict[str, set[int]] = defaultdict(set)
+    slow: dict[str, set[int]] = defaultdict(set)
+    for leaf in range(2):
+        recs = journals[f"leaf{leaf}"]["records"]
+        assert sorted(r["query_id"] for r in recs) == sorted(q for q, _ in queries)
+        # One draw per query: the leaf's fault counts depend on the seed only.
+        dice = FaultDice(FaultConfig(rate=rate, deadline_ms=deadline_ms, seed=seed), leaf)
+        expected = Counter(dice.draw() for _ in range(n))
+        faults = Counter(r["fault"] for r in recs)
+        assert faults == {
+            None: expected[None],
+            "stale-index": expected["stale-index"],
+            "slow": expected["deadline"],
+        }
+        # Roughly 5% each (n * rate = 15).
+        assert 5 <= faults["stale-index"] <= 30 and 5 <= faults["slow"] <= 30, faults
+        for r in recs:
+            if r["fault"] == "stale-index":
+                stale[r["query_id"]].add(leaf)
+            elif r["fault"] == "slow":
+                slow[r["query_id"]].add(leaf)
+                assert r["end_ns"] - r["start_ns"] >= deadline_ms * 1.5 * 1e6
+
+    root_by_qid = _records_by_qid(journals["root"])
+    dropped: dict[str, list[int]] = {}
+    for qid, recs in root_by_qid.items():
+        (top,) = [r for r in recs if r["role"] == "root"]
+        dropped[qid] = top["dropped_leaves"]
+        assert top["fault"] == ("dropped-leaf" if top["dropped_leaves"] else None)
+        fanouts = [r for r in recs if r["role"] == "fanout"]
+        assert len(fanouts) == 2
+        # Each dropped leaf's fan-out ends after the root gave up on it, and says so.
+        late = [r for r in fanouts if r["fault"] == "late"]
+        assert len(late) == len(top["dropped_leaves"])
+        assert all(r["end_ns"] > top["start_ns"] + deadline_ms * 10**6 for r in late)
+        assert all(
+            r["fault"] is None and r["end_ns"] <= top["end_ns"] for r in fanouts if r not in late
+        )
+    assert set(root_by_qid) == {q for q, _ in queries}
+    faulty = set(stale) | {qid for qid, leaves in dropped.items() if leaves}
+
+    # Compare the two deployments' answers, server_time_ns aside.
+    differ = set()
+    for o, nw in zip(old_results, new_results, strict=True):
+        assert o["status"] == nw["status"] == 200, (o, nw)
+        assert o["body"]["server_time_ns"] != nw["body"]["server_time_ns"]
+        if _without_time(o["body"]) != _without_time(nw["body"]):
+            differ.add(nw["query_id"])
+        # And every difference is exactly the journaled fault's effect.
+        qid = nw["query_id"]
+        assert _without_time(nw["body"]) == _expected_new_body(
+            o["body"], stale.get(qid, set()), dropped[qid], 2
+        ), qid
+    assert differ == faulty
+    assert {qid for qid, leaves in dropped.items() if leaves}, "no leaf was ever dropped"
+    assert stale, "no query was answered from a stale index"
+    assert 0.05 * n <= len(faulty) <= 0.4 * n, len(faulty)
+    # A slow leaf is normally dropped (it answers 1.5 deadlines late); only a root
+    # stalled for half a deadline could still take its answer.
+    slow_pairs = {(q, leaf) for q, leaves in slow.items() for leaf in leaves}
+    dropped_pairs = {(q, leaf) for q, leaves in dropped.items() for leaf in leaves}
+    assert len(slow_pairs & dropped_pairs) >= 0.8 * len(slow_pairs)
