@@ -27,6 +27,7 @@ bench: setup
 	$(PY) bench/trace_overhead.py
 	$(PY) bench/ingest_grpc.py
 	$(PY) bench/ingest_store.py
+	$(PY) bench/replay_throughput.py
 
 # Regenerates qtrace/api/ from protos/ (tests fail when the committed code is stale).
 protos:
