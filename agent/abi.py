@@ -44,7 +44,9 @@ FD_UNKNOWN, FD_SOCK_IN, FD_SOCK_OUT, FD_SOCK, FD_FILE, FD_OTHER = (
 )
 
 _FLAGS = _strip("QT_F_", _ENUMS["qt_flag"])
-F_REQ_START, F_INFERRED, F_NO_ENTER = _FLAGS["req_start"], _FLAGS["inferred"], _FLAGS["no_enter"]
+F_REQ_START, F_INFERRED, F_NO_ENTER, F_REQ_CONT = (
+    _FLAGS[n] for n in ("req_start", "inferred", "no_enter", "req_cont")
+)
 
 _PAYLOADS = _strip("QT_P_", _ENUMS["qt_payload"])
 P_NONE, P_REQUEST, P_PATH, P_PATH2, P_SOCKADDR, P_TUPLE = (
@@ -94,4 +96,10 @@ TUPLE_FIELDS = (
 TUPLE = struct.Struct("<" + "".join(f for _, f in TUPLE_FIELDS))
 
 FDKEY_FIELDS = (("tgid", "I"), ("fd", "i"))
-FDINFO_FIELDS = (("req_key", "Q"), ("type", "B"), ("last_dir", "B"), ("_pad", "6s"))
+FDINFO_FIELDS = (
+    ("req_key", "Q"),
+    ("type", "B"),
+    ("last_dir", "B"),
+    ("_pad", "2s"),
+    ("captured", "I"),
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from collections import Counter
 from typing import Any
@@ -49,6 +50,24 @@ def _tuple_target(payload: bytes) -> str:
     return f"[{s}]:{sport}->[{d}]:{dport}"
 
 
+_CONTENT_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:[ \t]*(\d+)")
+
+
+def request_complete(buf: bytes, limit: int) -> bool:
+    """Whether a captured request needs no more reads: a whole HTTP request (headers and
+    Content-Length body), anything that is not HTTP, or the capture limit reached."""
+    if len(buf) >= limit:
+        return True
+    first = buf.split(b"\r\n", 1)[0]
+    if b" HTTP/1." not in first:
+        return b"\n" in buf or len(buf) > 64  # not HTTP: the first read is what we get
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    m = _CONTENT_LENGTH.search(buf, 0, end)
+    return m is None or len(buf) - (end + 4) >= int(m.group(1))
+
+
 def headers_only(request: bytes) -> bytes:
     """A captured request without its body: bodies leave the node only when asked for."""
     end = request.find(b"\r\n\r\n")
@@ -79,9 +98,12 @@ class Decoder:
         resolver: FdResolver,
         clock: WallClock,
         capture: tuple[bool, bool] = (False, False),
+        capture_limit: int = abi.DEFAULT_CAP_BYTES,
     ) -> None:
         """``capture``: (keep request bytes, keep their bodies too)."""
         self.capture_requests, self.capture_bodies = capture
+        self.capture_limit = capture_limit
+        self._partial: dict[int, bytes] = {}
         self.extractor = extractor
         self.resolver = resolver
         self.clock = clock
@@ -119,7 +141,9 @@ class Decoder:
         if flags & abi.F_REQ_START:
             self.requests.set(req_key, self.extractor.extract(payload))
             if self.capture_requests:
-                request = payload if self.capture_bodies else headers_only(payload)
+                request = self._capture(req_key, payload, start=True)
+        elif flags & abi.F_REQ_CONT and self.capture_requests:
+            request = self._capture(req_key, payload, start=False)
 
         target: str | None = None
         res = self.resolver
@@ -183,6 +207,24 @@ class Decoder:
             detail=detail,
             request=request,
         )
+
+    def _capture(self, key: int, payload: bytes, start: bool) -> bytes | None:
+        """Assemble a request from its reads; the whole of it rides on the event of the
+        read that completes it (or that reaches the capture limit)."""
+        if start:
+            buf = payload
+        elif key in self._partial:
+            buf = self._partial.pop(key) + payload
+        else:
+            return None  # complete already, or its start was not seen
+        if self.requests.get(key) is None:
+            self.requests.set(key, self.extractor.extract(buf))
+        if not request_complete(buf, self.capture_limit):
+            self._partial[key] = buf
+            if len(self._partial) > 10_000:  # requests that never completed
+                self._partial.pop(next(iter(self._partial)))
+            return None
+        return buf if self.capture_bodies else headers_only(buf)
 
     def decode_exec(self, rec: bytes) -> tuple[int, str]:
         fields = abi.EVENT.unpack_from(rec)

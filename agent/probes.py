@@ -133,6 +133,10 @@ class Probes:
     def watch_exec(self, on: bool) -> None:
         self._bpf[b"config"][ctypes.c_int(0)] = ctypes.c_uint64(1 if on else 0)
 
+    def capture_requests(self, on: bool) -> None:
+        """Follow requests past their first read until QT_CAP_BYTES are shipped."""
+        self._bpf[b"config"][ctypes.c_int(1)] = ctypes.c_uint64(1 if on else 0)
+
     def set_fd_type(self, tgid: int, fd: int, fdtype: int) -> None:
         """Teach the kernel what an fd it has not seen created is (``abi.FD_*``)."""
         key = self._fds.Key(tgid, fd)

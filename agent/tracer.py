@@ -74,9 +74,17 @@ class Tracer:
             ) from e
         probes = self._probes
         self._fds = FdResolver(teach=probes.set_fd_type)
-        self._decoder = Decoder(self.extractor, self._fds, WallClock(), self.capture)
+        self._decoder = Decoder(
+            self.extractor,
+            self._fds,
+            WallClock(),
+            self.capture,
+            capture_limit=self.probe_config.capture_bytes,
+        )
         if self.spec.comms or self.spec.cmdlines:
             probes.watch_exec(True)
+        if self.capture[0]:
+            probes.capture_requests(True)
         self.rescan()
         return self
 

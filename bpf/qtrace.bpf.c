@@ -67,7 +67,7 @@ BPF_HASH(traced_ports, u16, u8, 1024);   /* listening ports of traced tasks */
 /* LRU: sockets whose close we never see must not fill these for good. */
 BPF_TABLE("lru_hash", u64, u32, traced_socks, 65536); /* struct sock * -> tgid */
 BPF_TABLE("lru_hash", u64, u64, sock_since, 65536);   /* struct sock * -> phase start */
-BPF_ARRAY(config, u64, 4);               /* [0]: report execs (for name targets) */
+BPF_ARRAY(config, u64, 4); /* [0]: report execs (name targets); [1]: capture requests */
 
 BPF_HASH(inflight, u32, struct qt_inflight, QT_MAX_THREADS);
 BPF_HASH(threads, u32, struct qt_thread, QT_MAX_THREADS);
@@ -265,7 +265,7 @@ static __always_inline int on_exit(u16 exit_kind, long ret)
 		flags = th->flags & QT_F_INFERRED;
 	}
 
-	int start = 0;
+	int start = 0, cont = 0;
 	if (fdtype == QT_FD_SOCK_IN && is_fd_kind(kind)) {
 		fi = fds.lookup(&k);
 		if (fi && ret > 0) {
@@ -273,8 +273,16 @@ static __always_inline int on_exit(u16 exit_kind, long ret)
 				if (fi->last_dir != 1 || fi->req_key == 0) {
 					/* A read after a write (or the first read) starts a request. */
 					fi->req_key = new_key();
+					fi->captured = 0;
 					start = 1;
+				} else if (fi->captured < QT_CAP_BYTES) {
+					/* Headers and body often arrive in separate reads: a capture
+					 * session follows the request until it has QT_CAP_BYTES. */
+					int one = 1;
+					u64 *capture = config.lookup(&one);
+					cont = capture && *capture;
 				}
+				fi->captured += ret > QT_CAP_BYTES ? QT_CAP_BYTES : (u32)ret;
 				fi->last_dir = 1;
 				if (!th || th->req_key != fi->req_key || (th->flags & QT_F_INFERRED))
 					set_thread_key(tid, fi->req_key, 0);
@@ -287,7 +295,7 @@ static __always_inline int on_exit(u16 exit_kind, long ret)
 			key = fi->req_key;
 	}
 
-	int big = start || kind == QT_K_ACCEPT || kind == QT_K_ACCEPT4 ||
+	int big = start || cont || kind == QT_K_ACCEPT || kind == QT_K_ACCEPT4 ||
 		  kind == QT_K_CONNECT || kind == QT_K_OPENAT || kind == QT_K_RENAME ||
 		  kind == QT_K_RENAMEAT2 || kind == QT_K_UNLINK || kind == QT_K_UNLINKAT;
 	struct qt_event *e = reserve(kind, big);
@@ -303,11 +311,11 @@ static __always_inline int on_exit(u16 exit_kind, long ret)
 	e->fd = fd;
 	e->kind = kind;
 	e->fdtype = fdtype;
-	e->flags = flags | (start ? QT_F_REQ_START : 0) | no_enter;
+	e->flags = flags | (start ? QT_F_REQ_START : 0) | (cont ? QT_F_REQ_CONT : 0) | no_enter;
 
 	if (big) {
 		u8 *pl = (u8 *)(e + 1);
-		if (start) {
+		if (start || cont) {
 			u64 cap = QT_CAP_BYTES;
 			if ((u64)ret < cap)
 				cap = ret;
@@ -316,7 +324,7 @@ static __always_inline int on_exit(u16 exit_kind, long ret)
 				cap = QT_CAP_BYTES;
 			if (buf && bpf_probe_read_user(pl, cap, (void *)buf) == 0)
 				e->payload_len = cap;
-			e->payload_kind = QT_P_REQUEST;
+			e->payload_kind = start ? QT_P_REQUEST : QT_P_REQUEST_CONT;
 		} else if (kind == QT_K_RENAME || kind == QT_K_RENAMEAT2) {
 			bpf_probe_read_user_str(pl, QT_CAP_BYTES / 2, (void *)f.p0);
 			bpf_probe_read_user_str(pl + QT_CAP_BYTES / 2, QT_CAP_BYTES / 2, (void *)f.p1);

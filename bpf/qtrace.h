@@ -73,6 +73,7 @@ enum qt_flag {
 	QT_F_REQ_START = 1, /* this read started a new request (payload holds its first bytes) */
 	QT_F_INFERRED = 2,  /* request key inherited by a thread the request thread created */
 	QT_F_NO_ENTER = 4,  /* exit seen without its enter: timestamps are the exit's */
+	QT_F_REQ_CONT = 8,  /* a later read of a request being captured (payload continues it) */
 };
 
 /* Payload kinds: what follows struct qt_event when payload_len > 0. */
@@ -83,6 +84,7 @@ enum qt_payload {
 	QT_P_PATH2 = 3,    /* two NUL-terminated paths at 0 and QT_CAP_BYTES/2 (rename) */
 	QT_P_SOCKADDR = 4, /* raw struct sockaddr from connect/accept */
 	QT_P_TUPLE = 5,    /* struct qt_tuple from a TCP tracepoint */
+	QT_P_REQUEST_CONT = 6, /* more bytes of a request (capture sessions only) */
 };
 
 /* Counters, per kind and per CPU: index kind * QT_C_MAX + counter. */
@@ -139,7 +141,8 @@ struct qt_fdinfo {
 	u64 req_key; /* request currently served on this connection */
 	u8 type;     /* enum qt_fdtype */
 	u8 last_dir; /* 0 none, 1 read, 2 write: a read after a write starts a request */
-	u8 _pad[6];
+	u8 _pad[2];
+	u32 captured; /* request bytes shipped so far (capture sessions follow later reads) */
 };
 
 #endif /* QTRACE_H */

@@ -82,3 +82,33 @@ def test_regex_extractor_on_a_text_protocol() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_capture_assembles_requests_split_over_reads() -> None:
+    from agent.clock import WallClock
+    from agent.decode import Decoder, request_complete
+    from agent.fdresolve import FdResolver
+
+    d = Decoder(
+        QueryIdExtractor.header(),
+        FdResolver(teach=lambda *_: None),
+        WallClock(),
+        capture=(True, True),
+        capture_limit=1024,
+    )
+    head = b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n"
+    assert d._capture(1, head, start=True) is None  # headers not finished
+    assert d._capture(1, b"X-Query-Id: q7\r\n\r\nhello", start=False) is None  # body short
+    whole = d._capture(1, b" world", start=False)
+    assert whole == head + b"X-Query-Id: q7\r\n\r\nhello world"
+    assert d.requests.get(1) == "q7"  # the id was in a later read
+    assert d._capture(1, b"more", start=False) is None  # complete already
+    assert request_complete(b"SELECT 1 /* qid=4 */\n", 1024)
+    assert request_complete(b"GET / HTTP/1.1\r\n\r\n", 1024)
+    assert request_complete(b"x" * 16, 16)
+    headers_only = Decoder(
+        QueryIdExtractor.header(), FdResolver(teach=lambda *_: None), WallClock(),
+        capture=(True, False),
+    )  # fmt: skip
+    got = headers_only._capture(2, b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi", start=True)
+    assert got == b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n"
