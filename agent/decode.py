@@ -151,6 +151,9 @@ class Decoder:
             target = _tuple_target(payload) if pkind == abi.P_TUPLE else None
             if kind == _K["inet_sock_set_state"]:
                 detail = {"old": _TCP_STATES[arg0 % 13], "new": _TCP_STATES[arg1 % 13]}
+                if arg1 == 1 and target:  # ESTABLISHED: our side of the coming accept/connect
+                    ours, theirs = target.split("->", 1)
+                    res.established(tid, ours, theirs)
                 if arg1 == 7:  # TCP_CLOSE: ret carries how long the connection lived
                     detail["lifetime_ns"] = ret
                     ret = 0
@@ -163,16 +166,16 @@ class Decoder:
             detail = {"sector": arg0, "sectors": arg1 & 0xFFFFFFFF}
         elif kind == _K["openat"]:
             path = _cstr(payload)
-            target = res.opened(tgid, fd, path, int(arg0)) if ret >= 0 else path
+            target = res.opened(tgid, fd, path, int(arg0), ts_exit) if ret >= 0 else path
         elif kind in _NEW_CONN:
             peer = sockaddr_str(payload) if pkind == abi.P_SOCKADDR else None
             if ret >= 0 or ret == -115:
                 listener = int(arg0) if kind != _K["connect"] and arg0 < 1 << 31 else None
-                target = res.connected(tgid, fd, fdtype, peer, listener)
+                target = res.connected(tgid, fd, fdtype, peer, listener, tid, ts_exit)
             else:
                 target = f"?->{peer}" if peer else None
         elif kind == _K["close"]:
-            target = res.closed(tgid, fd)
+            target = res.closed(tgid, fd, ts_enter)
         elif kind in _PATH_ONLY:
             target = _cstr(payload)
         elif kind in _RENAMES:

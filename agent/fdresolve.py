@@ -27,6 +27,7 @@ class FdEntry:
     fdtype: int
     target: str | None
     inode: int = 0
+    created_ns: int = 0  # kernel time the fd came to be (0: found in /proc)
 
 
 def sockaddr_str(raw: bytes) -> str | None:
@@ -47,6 +48,11 @@ class FdResolver:
         self._fds: dict[tuple[int, int], FdEntry] = {}
         self._netns: dict[int, NetnsTable] = {}
         self._refreshed: set[int] = set()  # namespaces dumped during this drain cycle
+        # Our side of TCP connections, from the kernel's ESTABLISHED events, which arrive
+        # before the accept or connect that returns the socket: by the peer (server side,
+        # where the client's port makes it unique) and by thread and peer (client side).
+        self._est_peer: dict[str, str] = {}
+        self._est_tid: dict[tuple[int, str], str] = {}
 
     def new_cycle(self) -> None:
         self._refreshed.clear()
@@ -133,7 +139,7 @@ class FdResolver:
 
     # -- what events tell us ---------------------------------------------------------------
 
-    def opened(self, pid: int, fd: int, path: str, dirfd: int) -> str:
+    def opened(self, pid: int, fd: int, path: str, dirfd: int, at_ns: int = 0) -> str:
         if not path.startswith("/"):
             base = None
             if dirfd == AT_FDCWD:
@@ -144,14 +150,39 @@ class FdResolver:
                 base = parent.target if parent else None
             if base:
                 path = os.path.normpath(os.path.join(base, path))
-        self._fds[(pid, fd)] = FdEntry(abi.FD_FILE, path)
+        self._fds[(pid, fd)] = FdEntry(abi.FD_FILE, path, created_ns=at_ns)
         return path
 
+    def established(self, tid: int, local: str, peer: str) -> None:
+        if tid:
+            self._est_tid[(tid, peer)] = local
+        self._est_peer[peer] = local
+        for table in (self._est_tid, self._est_peer):
+            if len(table) > 50_000:
+                for old in list(table)[:10_000]:
+                    del table[old]  # type: ignore[arg-type]
+
     def connected(
-        self, pid: int, fd: int, fdtype: int, peer: str | None, listener: int | None = None
+        self,
+        pid: int,
+        fd: int,
+        fdtype: int,
+        peer: str | None,
+        listener: int | None = None,
+        tid: int = 0,
+        at_ns: int = 0,
     ) -> str | None:
         """A socket from accept (``listener`` is the listening fd) or connect."""
         self._fds.pop((pid, fd), None)
+        if peer:
+            local = (
+                self._est_tid.pop((tid, peer), None)
+                if listener is None
+                else self._est_peer.pop(peer, None)
+            )
+            if local is not None:
+                self._fds[(pid, fd)] = FdEntry(fdtype, f"{local}->{peer}", created_ns=at_ns)
+                return f"{local}->{peer}"
         entry = self._from_proc(pid, fd)
         # By the time we look the fd may already be closed and its number reused: the
         # syscall's own peer address is the truth, /proc and sock_diag only add our side.
@@ -168,12 +199,19 @@ class FdResolver:
             entry = FdEntry(fdtype, f"{local}->{peer}" if peer else None)
         else:
             entry.fdtype = fdtype  # the kernel saw accept/connect: it knows the direction
+        entry.created_ns = at_ns
         self._fds[(pid, fd)] = entry
         return entry.target
 
-    def closed(self, pid: int, fd: int) -> str | None:
-        entry = self._fds.pop((pid, fd), None)
-        return entry.target if entry else None
+    def closed(self, pid: int, fd: int, at_ns: int) -> str | None:
+        """``at_ns``: when close began. Another thread may have reused the number between
+        the close and its event (which is emitted at exit): that newer fd stays."""
+        entry = self._fds.get((pid, fd))
+        if entry is None:
+            return None
+        if entry.created_ns <= at_ns:
+            del self._fds[(pid, fd)]
+        return entry.target
 
     def forget_process(self, pid: int) -> None:
         for key in [k for k in self._fds if k[0] == pid]:

@@ -19,6 +19,12 @@ PROBE_GROUPS: dict[str, frozenset[str]] = {
         "splice",
         "inet_sock_set_state",
         "tcp_retransmit_skb",
+        "poll",
+        "ppoll",
+        "epoll_wait",
+        "epoll_pwait",
+        "select",
+        "pselect6",
     },
     "storage": _SHARED
     | {

@@ -12,9 +12,8 @@ from agent import abi
 from agent.groups import PROBE_GROUPS
 
 # Syscall kinds share one enter/exit program pair each: qt_e_<name> / qt_x_<name>.
-SYSCALL_KINDS = tuple(
-    name for name, num in abi.KINDS.items() if num < abi.KINDS["inet_sock_set_state"]
-)
+_TRACEPOINT_KINDS = {"inet_sock_set_state", "tcp_retransmit_skb", "block_rq", "exec"}
+SYSCALL_KINDS = tuple(name for name in abi.KINDS if name not in _TRACEPOINT_KINDS)
 PROGRAM_PREFIX = "qt_"
 
 

@@ -8,6 +8,7 @@
  */
 #define QT_BPF 1
 #include <uapi/linux/ptrace.h>
+#include <linux/signal.h> /* sigset_t, in the ppoll and epoll_pwait tracepoint args */
 #include "qtrace.h"
 
 #ifndef QT_RB_PAGES
@@ -383,6 +384,42 @@ QT_FD_SYSCALL(fsync, QT_K_FSYNC, fd, 0, 0, 0)
 QT_FD_SYSCALL(fdatasync, QT_K_FDATASYNC, fd, 0, 0, 0)
 QT_FD_SYSCALL(ftruncate, QT_K_FTRUNCATE, fd, args->length, 0, 0)
 QT_FD_SYSCALL(unlinkat, QT_K_UNLINKAT, dfd, args->flag, 0, args->pathname)
+
+/* The first polled fd names what is waited for (its target); usually there is one. */
+static __always_inline s32 first_pollfd(const void *ufds)
+{
+	s32 fd = -1;
+	if (bpf_probe_read_user(&fd, sizeof(fd), ufds))
+		return -1;
+	return fd;
+}
+
+int qt_e_poll(struct tracepoint__syscalls__sys_enter_poll *args)
+{
+	return on_enter(QT_K_POLL, first_pollfd(args->ufds), args->nfds, args->timeout_msecs, 0, 0);
+}
+QT_EXIT(poll, QT_K_POLL)
+
+int qt_e_ppoll(struct tracepoint__syscalls__sys_enter_ppoll *args)
+{
+	return on_enter(QT_K_PPOLL, first_pollfd(args->ufds), args->nfds, 0, 0, 0);
+}
+QT_EXIT(ppoll, QT_K_PPOLL)
+
+QT_FD_SYSCALL(epoll_wait, QT_K_EPOLL_WAIT, epfd, args->maxevents, args->timeout, 0)
+QT_FD_SYSCALL(epoll_pwait, QT_K_EPOLL_PWAIT, epfd, args->maxevents, args->timeout, 0)
+
+int qt_e_select(struct tracepoint__syscalls__sys_enter_select *args)
+{
+	return on_enter(QT_K_SELECT, -1, args->n, 0, 0, 0);
+}
+QT_EXIT(select, QT_K_SELECT)
+
+int qt_e_pselect6(struct tracepoint__syscalls__sys_enter_pselect6 *args)
+{
+	return on_enter(QT_K_PSELECT6, -1, args->n, 0, 0, 0);
+}
+QT_EXIT(pselect6, QT_K_PSELECT6)
 
 int qt_e_rename(struct tracepoint__syscalls__sys_enter_rename *args)
 {

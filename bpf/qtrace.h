@@ -55,7 +55,14 @@ enum qt_kind {
 	QT_K_TCP_RETRANSMIT_SKB = 28,
 	QT_K_BLOCK_RQ = 29,
 	QT_K_EXEC = 30,
-	QT_K_MAX = 31,
+	/* Waiting for sockets: where a thread with a timeout spends its network time. */
+	QT_K_POLL = 31,
+	QT_K_PPOLL = 32,
+	QT_K_EPOLL_WAIT = 33,
+	QT_K_EPOLL_PWAIT = 34,
+	QT_K_SELECT = 35,
+	QT_K_PSELECT6 = 36,
+	QT_K_MAX = 37,
 };
 
 /* What an fd is, as far as the kernel side knows (user space teaches it the rest). */

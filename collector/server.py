@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from collector.explain import NotFound, explain
 from collector.sessions import SessionError, SessionRegistry, UnknownSession
 from collector.store import Store
 from qtrace.api.v1 import (
@@ -259,6 +260,19 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         return services_pb2.QueryEventsResponse(
             query_id=request.query_id, events=events, truncated=truncated
         )
+
+    def Explain(
+        self, request: services_pb2.ExplainRequest, context: grpc.ServicerContext
+    ) -> services_pb2.ExplainResponse:
+        if not request.query_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query_id is empty")
+        with self._store_lock:
+            anomalies = self.store.list_anomalies(query_id=request.query_id)
+            try:
+                result = explain(self.store, request.query_id, anomalies)
+            except NotFound as e:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        return services_pb2.ExplainResponse(json=json.dumps(result))
 
     def ListRequests(
         self, request: services_pb2.ListRequestsRequest, context: grpc.ServicerContext

@@ -257,6 +257,124 @@ class Store:
                 self._con.rollback()
                 raise
 
+    # -- explain: hops, baselines and context ----------------------------------------------
+
+    def hops(
+        self,
+        session_id: str | None,
+        node: str | None,
+        comm: str | None,
+        query_ids: Sequence[str] | None = None,
+        limit: int = 5000,
+    ) -> list[dict[str, Any]]:
+        """Per (query, node, pid): the hop's span and where its time went.
+
+        A hop starts when its first event (the read that received the request) ends: on a
+        keep-alive connection that read began long before, while the thread idled."""
+        conds: list[str] = []
+        params: list[Any] = []
+        for col, val in (("session_id", session_id), ("node", node), ("comm", comm)):
+            if val is not None:
+                conds.append(f"{col} = ?")
+                params.append(val)
+        if query_ids is not None:
+            conds.append("query_id IN (SELECT unnest(?))")
+            params.append(list(query_ids))
+        else:
+            conds.append("query_id IS NOT NULL")
+        where = " AND ".join(conds)
+        # A hop runs from the end of the read that received the request to the end of the
+        # last write on that same connection (the response); work its threads did after
+        # answering (a late sub-request, say) is not the hop's.
+        sql = f"""
+            WITH ev AS (
+              SELECT query_id, node, pid, tid, comm, ts_ns, dur_ns, kind, grp, target
+              FROM events WHERE {where}
+            ),
+            first AS (
+              SELECT query_id, node, pid, arg_min(tid, ts_ns) AS tid,
+                arg_min(comm, ts_ns) AS comm, arg_min(ts_ns + dur_ns, ts_ns) AS start_ns,
+                arg_min(target, ts_ns) AS conn, max(ts_ns + dur_ns) AS last_end
+              FROM ev GROUP BY ALL
+            ),
+            spans AS (
+              SELECT f.query_id, f.node, f.pid, f.tid, f.comm, f.start_ns, f.conn,
+                coalesce(max(e.ts_ns + e.dur_ns) FILTER (WHERE e.target = f.conn
+                  AND e.kind IN ('sendto', 'write', 'writev', 'sendmsg', 'sendfile64')),
+                  f.last_end) AS end_ns
+              FROM first f JOIN ev e USING (query_id, node, pid)
+              GROUP BY f.query_id, f.node, f.pid, f.tid, f.comm, f.start_ns, f.conn, f.last_end
+            )
+            -- time inside the hop only: a wait that outlived the answer counts up to it
+            SELECT s.query_id, s.node, s.pid, s.tid, s.comm, s.start_ns, s.end_ns,
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.grp = 'net'), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.grp = 'storage' AND e.kind <> 'block_rq'), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'block_rq'), 0),
+              count(e.ts_ns), s.conn
+            FROM spans s LEFT JOIN (
+              SELECT *, ts_ns + dur_ns AS ev_end FROM ev
+            ) e ON e.query_id = s.query_id AND e.node = s.node
+              AND e.pid = s.pid AND e.ts_ns >= s.start_ns AND e.ts_ns < s.end_ns
+            GROUP BY ALL ORDER BY s.end_ns DESC LIMIT {int(limit)}"""
+        with self._lock:
+            rows = self._con.execute(sql, params).fetchall()
+        keys = ("query_id", "node", "pid", "tid", "comm", "start_ns", "end_ns", "network",
+                "storage", "block_io", "events", "conn")  # fmt: skip
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def targets_seen(
+        self, session_id: str, node: str, comm: str, exclude: Sequence[str], limit: int = 2000
+    ) -> set[str]:
+        """Files and peers that normal queries of this kind of hop touched (a sample)."""
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT DISTINCT target FROM (SELECT target FROM events WHERE session_id = ?"
+                " AND node = ? AND comm = ? AND query_id IS NOT NULL AND target IS NOT NULL"
+                " AND NOT list_contains(?, query_id) ORDER BY ts_ns DESC LIMIT ?)",
+                [session_id, node, comm, list(exclude), limit * 50],
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def window_events(
+        self,
+        node: str,
+        start_ns: int,
+        end_ns: int,
+        targets: Sequence[str],
+        exclude_query: str,
+        limit: int = 500,
+    ) -> list[services_pb2.NodeEvent]:
+        """Events of other threads and processes on the same node, in the window, on the
+        same files or connections: who else used the resource."""
+        if not targets:
+            return []
+        with self._lock:
+            rows = self._con.execute(
+                f"SELECT {QUERY_COLUMNS} FROM events WHERE node = ? AND ts_ns <= ?"
+                " AND ts_ns + dur_ns >= ? AND list_contains(?, target)"
+                " AND (query_id IS NULL OR query_id <> ?) ORDER BY ts_ns LIMIT ?",
+                [node, end_ns, start_ns, list(targets), exclude_query, limit],
+            ).fetchall()
+        return [node_event(r) for r in rows]
+
+    def session_of(self, query_id: str) -> str | None:
+        with self._lock:
+            row = self._con.execute(
+                "SELECT session_id FROM events WHERE query_id = ? LIMIT 1", [query_id]
+            ).fetchone()
+        return row[0] if row else None
+
+    def clock_uncertainty(self, session_id: str) -> int:
+        with self._lock:
+            row = self._con.execute(
+                "SELECT coalesce(max(clock_uncertainty_ns), 0) FROM batches WHERE session_id = ?",
+                [session_id],
+            ).fetchone()
+        return int(row[0]) if row else 0
+
     def list_requests(self, session_id: str) -> list[services_pb2.CapturedRequest]:
         with self._lock:
             rows = self._con.execute(
@@ -296,8 +414,10 @@ class Store:
                 raise
         return len(rows)
 
-    def list_anomalies(self, session_id: str | None = None) -> list[anomalies_pb2.Anomaly]:
-        where, params = _filter(session_id=session_id)
+    def list_anomalies(
+        self, session_id: str | None = None, query_id: str | None = None
+    ) -> list[anomalies_pb2.Anomaly]:
+        where, params = _filter(session_id=session_id, query_id=query_id)
         with self._lock:
             rows = self._con.execute(
                 f"SELECT pb FROM anomalies {where} ORDER BY ts_ns, received_ns", params

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from qtrace.commands import agent, anomaly, capture, collector, query, replay, session
+from qtrace.commands import (
+    agent,
+    anomaly,
+    capture,
+    collector,
+    explain,
+    query,
+    replay,
+    session,
+)
 
 app = typer.Typer(
     name="qtrace",
@@ -22,6 +31,8 @@ app.command("status")(query.status)
 app.command("anomalies")(anomaly.anomalies)
 app.command("replay")(replay.replay)
 app.command("capture")(capture.capture)
+app.command("explain")(explain.explain)
+app.command("timeline")(explain.timeline)
 
 
 def main() -> None:

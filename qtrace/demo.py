@@ -1,33 +1,32 @@
-"""The local end-to-end demo: collector, node agent and the test search service.
+"""The local end-to-end demo: find a rare fault in a "new deployment" and explain it.
 
-Starts a collector (embedded DuckDB store under ./out), a node agent and the search
-service (a root and two leaves), starts a trace session from the control API like
-`qtrace session start` does, sends queries with ids, and shows what the kernel saw of
-each query on every process it touched, read back from the collector."""
+On this machine and the embedded store it starts a collector and a node agent, the test
+search service three times (old twice as primary and secondary, new with rare faults as
+candidate), a trace session on the new deployment, and a replay of 1500 queries. Then it
+explains the first anomalies found and writes their HTML and Perfetto timelines."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import grpc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
-from qtrace.api.v1 import services_pb2, services_pb2_grpc, sessions_pb2
+from qtrace.api.v1 import anomalies_pb2, services_pb2, services_pb2_grpc, sessions_pb2
+from qtrace.commands.explain import print_text, safe_name
+from qtrace.timeline import perfetto, render_html
 from qtrace.wire import node_event_to_json
-from searchsvc.client import make_queries, run_queries
+from searchsvc.client import make_queries
 from searchsvc.cluster import Cluster
 
-N_QUERIES = 200
-SHOWN = 6
+N_QUERIES = 1500
+EXPLAINED = 2
 QTRACE = str(Path(sys.executable).parent / "qtrace")
 console = Console()
 
@@ -42,38 +41,13 @@ def start(args: list[str], ready: str) -> tuple[subprocess.Popen[str], str]:
     return proc, line
 
 
-def wait_complete(ctl: services_pb2_grpc.ControlServiceStub, sid: str, timeout: float) -> None:
-    # The agent sends a final batch when its session ends; until then, look again.
+def wait_until(cond: object, timeout: float, what: str) -> None:
+    # Another process's state: look again until it holds (bounded).
     deadline = time.monotonic() + timeout
-    req = services_pb2.SessionRequest(session_id=sid)
-    while time.monotonic() < deadline:
-        agents = ctl.GetSession(req).agents
-        if agents and all(a.complete for a in agents):
-            return
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.1)
-    raise SystemExit("the agent did not deliver its final batch in time")
-
-
-def per_query_table(
-    events_by_query: dict[str, list[dict[str, Any]]], roles: dict[int, str]
-) -> Table:
-    table = Table(title=f"first {SHOWN} queries, as the kernel saw them", title_justify="left")
-    for col in ("query", "process", "events", "net ms", "storage ms", "preads", "files"):
-        table.add_column(col, justify="left" if col in ("query", "process") else "right")
-    for qid, events in list(events_by_query.items())[:SHOWN]:
-        by_pid: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for e in events:
-            by_pid[e["pid"]].append(e)
-        for pid, evs in sorted(by_pid.items(), key=lambda kv: roles.get(kv[0], "")):
-            net = sum(e["dur_ns"] for e in evs if e["group"] == "net") / 1e6
-            sto = sum(e["dur_ns"] for e in evs if e["group"] == "storage") / 1e6
-            preads = [e for e in evs if e["kind"] == "pread64"]
-            table.add_row(
-                qid, f"{roles.get(pid, '?')} {pid}", str(len(evs)), f"{net:.2f}", f"{sto:.2f}",
-                str(len(preads)), str(len({e["target"] for e in preads})),
-            )  # fmt: skip
-        table.add_section()
-    return table
 
 
 def main() -> int:
@@ -89,52 +63,64 @@ def main() -> int:
     assert m
     addr = f"127.0.0.1:{m.group(1)}"
     agent, _ = start(["agent", "run", "--collector", addr, "--node", "demo-node"], "agent")
-    console.print(f"[bold]collector[/] {addr} (store {db}), [bold]agent[/] demo-node")
+    console.print(f"[bold]collector[/] {addr} (store {db}), [bold]agent[/] on demo-node")
     channel = grpc.insecure_channel(addr)
     ctl = services_pb2_grpc.ControlServiceStub(channel)
     try:
-        with tempfile.TemporaryDirectory(prefix="qtrace-demo-") as data, Cluster(Path(data)) as c:
-            roles = {pid: role for role, pid in c.pids.items()}
-            console.print(f"[bold]search service[/] root {c.root_url}, leaves {c.leaf_urls}")
+        with (
+            tempfile.TemporaryDirectory(prefix="qtrace-demo-") as data,
+            Cluster(Path(data) / "old-a") as old_a,
+            Cluster(Path(data) / "old-b") as old_b,
+            Cluster(Path(data) / "new", fault_rate=1 / 300, deadline_ms=500, fault_seed=1) as new,
+        ):
+            console.print(
+                f"[bold]search service[/]: old {old_a.root_url} and {old_b.root_url}, "
+                f"new {new.root_url} (rare faults)"
+            )
             session = ctl.StartSession(
                 services_pb2.StartSessionRequest(
-                    targets=sessions_pb2.Targets(comms=["qt-root", "qt-leaf"]),
+                    targets=sessions_pb2.Targets(pids=list(new.pids.values())),
                     duration_ns=600 * 10**9,
                     started_by="demo",
                 )
             )
-            console.print(f"[bold]session[/] {session.id}: comm qt-root, qt-leaf")
             req = services_pb2.SessionRequest(session_id=session.id)
-            deadline = time.monotonic() + 30
-            while not ctl.GetSession(req).agents and time.monotonic() < deadline:
-                time.sleep(0.05)  # the agent announces itself once its probes are attached
-            queries = make_queries(N_QUERIES, seed=7)
-            with Progress(
-                TextColumn("queries"), BarColumn(), MofNCompleteColumn(), console=console
-            ) as progress:
-                task = progress.add_task("q", total=len(queries))
-                for i in range(0, len(queries), 20):
-                    run_queries(c.root_url, queries[i : i + 20], concurrency=4)
-                    progress.advance(task, 20)
+            wait_until(lambda: ctl.GetSession(req).agents, 30, "the agent to attach")
+            console.print(f"[bold]session[/] {session.id} tracing the new deployment")
+            log = Path(data) / "queries.txt"
+            log.write_text("".join(f"{q}\n" for _qid, q in make_queries(N_QUERIES, seed=7)))
+            subprocess.run(
+                [QTRACE, "replay", "--queries", str(log), "--template", "GET /search?q={query}",
+                 "--primary", old_a.root_url, "--secondary", old_b.root_url,
+                 "--candidate", new.root_url, "--concurrency", "4", "--session", session.id,
+                 "--collector", addr],
+                check=True,
+            )  # fmt: skip
             ctl.StopSession(req)
-            wait_complete(ctl, session.id, 60)
-        events_by_query = {
-            qid: [
-                node_event_to_json(ne)
-                for ne in ctl.QueryEvents(services_pb2.QueryEventsRequest(query_id=qid)).events
+            wait_until(
+                lambda: all(a.complete for a in ctl.GetSession(req).agents), 60, "final batches"
+            )
+        found = ctl.ListAnomalies(
+            anomalies_pb2.ListAnomaliesRequest(session_id=session.id)
+        ).anomalies
+        console.rule(f"{len(found)} anomalies; explaining the first {min(EXPLAINED, len(found))}")
+        for a in found[:EXPLAINED]:
+            x = json.loads(ctl.Explain(services_pb2.ExplainRequest(query_id=a.query_id)).json)
+            events = [
+                node_event_to_json(e)
+                for e in ctl.QueryEvents(
+                    services_pb2.QueryEventsRequest(query_id=a.query_id)
+                ).events
             ]
-            for qid, _ in queries[:SHOWN]
-        }
-        st = ctl.GetSession(req)
-        stored = sum(a.events_stored for a in st.agents)
-        dropped = sum(a.dropped for a in st.agents)
-        console.print(per_query_table(events_by_query, roles))
-        console.print(f"{stored} events stored, {dropped} dropped.", highlight=False)
-        console.print(
-            f"Explore: [bold].venv/bin/qtrace collector run --db {db} &[/] then "
-            f"[bold].venv/bin/qtrace query show {queries[0][0]}[/]",
-            highlight=False,
-        )
+            print_text(x)
+            name = safe_name(a.query_id)
+            page, trace = out / f"{name}.html", out / f"{name}.perfetto.json"
+            page.write_text(render_html(x, events), encoding="utf-8")
+            trace.write_text(json.dumps(perfetto(x, events)))
+            console.print(
+                f"timelines: [bold]{page}[/] (browser), [bold]{trace}[/] (ui.perfetto.dev)"
+            )
+            console.rule()
     finally:
         channel.close()
         agent.terminate()

@@ -102,6 +102,15 @@ def _run(cluster: Cluster, n: int, concurrency: int, seed: int) -> None:
     connects = [e for e in fan if e.kind == "connect"]
     assert len(connects) == 2 * n
     assert all(e.target and e.target.rsplit(":", 1)[1] in leaf_ports for e in connects)
+    # Both ends resolve to full 4-tuples, each connection its own (TIME_WAIT forbids reuse
+    # within a minute), and the leaves' accepts are exactly the root's connects reversed.
+    out = {e.target for e in connects}
+    assert len(out) == 2 * n and not any(t.startswith("?") for t in out if t)
+    leaf_pids = {pid for role, pid in cluster.pids.items() if role.startswith("leaf")}
+    accepted = {
+        e.target for e in events if e.pid in leaf_pids and e.kind in ("accept", "accept4")
+    }
+    assert accepted == {"->".join(reversed(t.split("->"))) for t in out if t}
 
 
 @pytest.mark.parametrize(("n", "concurrency"), [(500, 1), (500, 8)], ids=["serial", "8-clients"])

@@ -192,6 +192,11 @@ class ControlServiceStub:
                 request_serializer=qtrace_dot_api_dot_v1_dot_services__pb2.ListRequestsRequest.SerializeToString,
                 response_deserializer=qtrace_dot_api_dot_v1_dot_services__pb2.CapturedRequest.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/qtrace.api.v1.ControlService/Explain',
+                request_serializer=qtrace_dot_api_dot_v1_dot_services__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=qtrace_dot_api_dot_v1_dot_services__pb2.ExplainResponse.FromString,
+                _registered_method=True)
         self.ReportAnomalies = channel.unary_unary(
                 '/qtrace.api.v1.ControlService/ReportAnomalies',
                 request_serializer=qtrace_dot_api_dot_v1_dot_anomalies__pb2.ReportAnomaliesRequest.SerializeToString,
@@ -251,6 +256,13 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Why one query went wrong; the JSON contract is documented in the README.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportAnomalies(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -300,6 +312,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.ListRequests,
                     request_deserializer=qtrace_dot_api_dot_v1_dot_services__pb2.ListRequestsRequest.FromString,
                     response_serializer=qtrace_dot_api_dot_v1_dot_services__pb2.CapturedRequest.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=qtrace_dot_api_dot_v1_dot_services__pb2.ExplainRequest.FromString,
+                    response_serializer=qtrace_dot_api_dot_v1_dot_services__pb2.ExplainResponse.SerializeToString,
             ),
             'ReportAnomalies': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportAnomalies,
@@ -502,6 +519,33 @@ class ControlService:
             '/qtrace.api.v1.ControlService/ListRequests',
             qtrace_dot_api_dot_v1_dot_services__pb2.ListRequestsRequest.SerializeToString,
             qtrace_dot_api_dot_v1_dot_services__pb2.CapturedRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qtrace.api.v1.ControlService/Explain',
+            qtrace_dot_api_dot_v1_dot_services__pb2.ExplainRequest.SerializeToString,
+            qtrace_dot_api_dot_v1_dot_services__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,8 @@ class ControlServiceStub:
     QueryEvents: _grpc.UnaryUnaryMultiCallable[_services_pb2.QueryEventsRequest, _services_pb2.QueryEventsResponse]
     ListRequests: _grpc.UnaryStreamMultiCallable[_services_pb2.ListRequestsRequest, _services_pb2.CapturedRequest]
     """Captured requests of a session (sessions started with capture), oldest first."""
+    Explain: _grpc.UnaryUnaryMultiCallable[_services_pb2.ExplainRequest, _services_pb2.ExplainResponse]
+    """Why one query went wrong; the JSON contract is documented in the README."""
     ReportAnomalies: _grpc.UnaryUnaryMultiCallable[_anomalies_pb2.ReportAnomaliesRequest, _anomalies_pb2.ReportAnomaliesResponse]
     ListAnomalies: _grpc.UnaryUnaryMultiCallable[_anomalies_pb2.ListAnomaliesRequest, _anomalies_pb2.ListAnomaliesResponse]
 
@@ -100,6 +102,8 @@ class ControlServiceAsyncStub(ControlServiceStub):
     QueryEvents: _aio.UnaryUnaryMultiCallable[_services_pb2.QueryEventsRequest, _services_pb2.QueryEventsResponse]  # type: ignore[assignment]
     ListRequests: _aio.UnaryStreamMultiCallable[_services_pb2.ListRequestsRequest, _services_pb2.CapturedRequest]  # type: ignore[assignment]
     """Captured requests of a session (sessions started with capture), oldest first."""
+    Explain: _aio.UnaryUnaryMultiCallable[_services_pb2.ExplainRequest, _services_pb2.ExplainResponse]  # type: ignore[assignment]
+    """Why one query went wrong; the JSON contract is documented in the README."""
     ReportAnomalies: _aio.UnaryUnaryMultiCallable[_anomalies_pb2.ReportAnomaliesRequest, _anomalies_pb2.ReportAnomaliesResponse]  # type: ignore[assignment]
     ListAnomalies: _aio.UnaryUnaryMultiCallable[_anomalies_pb2.ListAnomaliesRequest, _anomalies_pb2.ListAnomaliesResponse]  # type: ignore[assignment]
 
@@ -155,6 +159,14 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_services_pb2.CapturedRequest], _abc.AsyncIterator[_services_pb2.CapturedRequest]]:
         """Captured requests of a session (sessions started with capture), oldest first."""
+
+    @_abc_1.abstractmethod
+    def Explain(
+        self,
+        request: _services_pb2.ExplainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_services_pb2.ExplainResponse, _abc.Awaitable[_services_pb2.ExplainResponse]]:
+        """Why one query went wrong; the JSON contract is documented in the README."""
 
     @_abc_1.abstractmethod
     def ReportAnomalies(
