@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m qtrace.demo
+	$(VENV)/bin/qtrace demo
 
 lint:
 	$(VENV)/bin/ruff check .

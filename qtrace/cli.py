@@ -35,6 +35,14 @@ app.command("explain")(explain.explain)
 app.command("timeline")(explain.timeline)
 
 
+@app.command("demo")
+def demo() -> None:
+    """Local end to end: old vs new with a rare fault, replayed, traced and explained."""
+    from qtrace import demo as demo_module
+
+    raise typer.Exit(demo_module.main())
+
+
 def main() -> None:
     app()
 

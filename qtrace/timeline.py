@@ -26,7 +26,11 @@ def perfetto(explanation: dict[str, Any], events: list[dict[str, Any]]) -> dict[
     a track per thread, a slice per syscall, hop slices, flows from a sub-request to the
     hop that served it, culprits on tracks of their own."""
     out: list[dict[str, Any]] = []
-    t0 = min([e["ts_ns"] for e in events] + [h["start_ns"] for h in explanation["hops"]] or [0])
+    evidence = [ev for f in explanation["findings"] for ev in f["evidence"]]
+    t0 = min(
+        [e["ts_ns"] for e in [*events, *evidence]] + [h["start_ns"] for h in explanation["hops"]]
+        or [0]
+    )
     procs: dict[tuple[str, int], int] = {}
 
     def pid_of(node: str, pid: int, comm: str, culprit: bool = False) -> int:

@@ -107,9 +107,7 @@ def _run(cluster: Cluster, n: int, concurrency: int, seed: int) -> None:
     out = {e.target for e in connects}
     assert len(out) == 2 * n and not any(t.startswith("?") for t in out if t)
     leaf_pids = {pid for role, pid in cluster.pids.items() if role.startswith("leaf")}
-    accepted = {
-        e.target for e in events if e.pid in leaf_pids and e.kind in ("accept", "accept4")
-    }
+    accepted = {e.target for e in events if e.pid in leaf_pids and e.kind in ("accept", "accept4")}
     assert accepted == {"->".join(reversed(t.split("->"))) for t in out if t}
 
 
