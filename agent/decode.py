@@ -104,6 +104,7 @@ class Decoder:
         self.capture_requests, self.capture_bodies = capture
         self.capture_limit = capture_limit
         self._partial: dict[int, bytes] = {}
+        self._tgids: dict[int, int] = {}
         self.extractor = extractor
         self.resolver = resolver
         self.clock = clock
@@ -159,6 +160,15 @@ class Decoder:
                     ret = 0
             else:
                 detail = {"state": _TCP_STATES[arg0 % 13]}
+        elif kind == _K["runq"]:
+            running = _cstr(payload)
+            target = f"cpu {arg1} (running {running} {arg0})"
+            detail = {
+                "cpu": arg1,
+                "running_pid": self._tgid_of(int(arg0)),
+                "running_tid": arg0,
+                "running_comm": running,
+            }
         elif kind == _K["block_rq"]:
             dev = arg1 >> 32
             major, minor = dev >> 20, dev & 0xFFFFF
@@ -190,7 +200,12 @@ class Decoder:
                 src = res.lookup(tgid, int(arg0), abi.FD_FILE)
                 detail = {"in_fd": int(arg0), "in_target": src.target if src else None}
 
-        group = "net" if name in NET_KINDS or fdtype in _SOCK_TYPES else "storage"
+        if name in NET_KINDS or fdtype in _SOCK_TYPES:
+            group = "net"
+        elif name == "runq":
+            group = "sched"
+        else:
+            group = "storage"
         return Event(
             ts_ns=self.clock.to_wall(ts_enter),
             dur_ns=ts_exit - ts_enter,
@@ -228,6 +243,24 @@ class Decoder:
                 self._partial.pop(next(iter(self._partial)))
             return None
         return buf if self.capture_bodies else headers_only(buf)
+
+    def _tgid_of(self, tid: int) -> int:
+        """The process of a thread the kernel named only by its task id (cached)."""
+        tgid = self._tgids.get(tid)
+        if tgid is None:
+            tgid = tid
+            try:
+                with open(f"/proc/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("Tgid:"):
+                            tgid = int(line.split()[1])
+                            break
+            except OSError:
+                pass
+            if len(self._tgids) > 100_000:
+                self._tgids.clear()
+            self._tgids[tid] = tgid
+        return tgid
 
     def decode_exec(self, rec: bytes) -> tuple[int, str]:
         fields = abi.EVENT.unpack_from(rec)

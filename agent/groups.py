@@ -42,6 +42,8 @@ PROBE_GROUPS: dict[str, frozenset[str]] = {
         "unlinkat",
         "block_rq",
     },
+    # Request threads waiting for a CPU, and what ran instead.
+    "sched": frozenset({"runq"}),
 }
 
 #: Kinds that are always network events (read/write/close depend on the fd).

@@ -12,7 +12,7 @@ from agent import abi
 from agent.groups import PROBE_GROUPS
 
 # Syscall kinds share one enter/exit program pair each: qt_e_<name> / qt_x_<name>.
-_TRACEPOINT_KINDS = {"inet_sock_set_state", "tcp_retransmit_skb", "block_rq", "exec"}
+_TRACEPOINT_KINDS = {"inet_sock_set_state", "tcp_retransmit_skb", "block_rq", "exec", "runq"}
 SYSCALL_KINDS = tuple(name for name in abi.KINDS if name not in _TRACEPOINT_KINDS)
 PROGRAM_PREFIX = "qt_"
 
@@ -26,6 +26,11 @@ LIFECYCLE = (
     ("qt_fork", "sched:sched_process_fork"),
     ("qt_exit", "sched:sched_process_exit"),
     ("qt_exec", "sched:sched_process_exec"),
+)
+SCHED = (
+    ("qt_wakeup", "sched:sched_wakeup"),
+    ("qt_wakeup_new", "sched:sched_wakeup_new"),
+    ("qt_switch", "sched:sched_switch"),
 )
 BLOCK = (
     ("qt_blk_issue", "block:block_rq_issue"),
@@ -53,6 +58,8 @@ class ProbeConfig:
         out += [_KIND_PROGRAMS[k] for k in sorted(_KIND_PROGRAMS) if k in kinds]
         if "block_rq" in kinds:
             out += BLOCK
+        if "runq" in kinds:
+            out += SCHED
         return out + list(LIFECYCLE)
 
     def cflags(self) -> list[str]:

@@ -42,7 +42,12 @@ struct qt_inflight {
 struct qt_thread {
 	u64 req_key;
 	u32 flags;
-	u32 _pad;
+	u32 tgid;
+};
+
+struct qt_runq {
+	u64 since; /* when the thread became runnable */
+	u64 cgroup_id;
 };
 
 struct qt_blkkey {
@@ -74,6 +79,10 @@ BPF_HASH(inflight, u32, struct qt_inflight, QT_MAX_THREADS);
 BPF_HASH(threads, u32, struct qt_thread, QT_MAX_THREADS);
 BPF_HASH(fds, struct qt_fdkey, struct qt_fdinfo, QT_MAX_FDS);
 BPF_HASH(blk, struct qt_blkkey, struct qt_blkinfo, 8192);
+BPF_HASH(runq, u32, struct qt_runq, QT_MAX_THREADS);
+#ifndef QT_RUNQ_MIN_NS
+#define QT_RUNQ_MIN_NS 100000 /* shorter waits are counted, not shipped */
+#endif
 BPF_ARRAY(keyseq, u64, 1);
 BPF_PERCPU_ARRAY(counters, u64, QT_K_MAX * QT_C_MAX);
 
@@ -188,6 +197,7 @@ static __always_inline u64 new_key(void)
 static __always_inline void set_thread_key(u32 tid, u64 key, u32 flags)
 {
 	struct qt_thread t = {.req_key = key, .flags = flags};
+	t.tgid = bpf_get_current_pid_tgid() >> 32;
 	threads.update(&tid, &t);
 }
 
@@ -460,6 +470,7 @@ int qt_exit(struct tracepoint__sched__sched_process_exit *args)
 {
 	u32 tid = args->pid;
 	threads.delete(&tid);
+	runq.delete(&tid);
 	inflight.delete(&tid);
 	u8 *v = traced_tgids.lookup(&tid);
 	if (v && *v == 2)
@@ -646,6 +657,75 @@ int qt_blk_complete(struct tracepoint__block__block_rq_complete *args)
 	e->payload_kind = QT_P_NONE;
 	e->record = QT_R_EVENT;
 	__builtin_memcpy(e->comm, b.comm, sizeof(e->comm));
+	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	return 0;
+}
+
+/* ---- CPU waits of request threads (sched group) ----
+ * Only threads serving a request (those with a request key) are followed, so the cost on
+ * every context switch of the node is one or two hash lookups. */
+
+static __always_inline void became_runnable(u32 tid)
+{
+	struct qt_thread *t = threads.lookup(&tid);
+	if (!t || !t->req_key)
+		return;
+	struct qt_runq r = {.since = bpf_ktime_get_ns(), .cgroup_id = 0};
+	runq.update(&tid, &r);
+}
+
+int qt_wakeup(struct tracepoint__sched__sched_wakeup *args)
+{
+	became_runnable(args->pid);
+	return 0;
+}
+
+int qt_wakeup_new(struct tracepoint__sched__sched_wakeup_new *args)
+{
+	became_runnable(args->pid);
+	return 0;
+}
+
+int qt_switch(struct tracepoint__sched__sched_switch *args)
+{
+	u32 prev = args->prev_pid, next = args->next_pid;
+	/* Preempted while runnable: it waits from now, with no wakeup to say so. */
+	if (args->prev_state == 0)
+		became_runnable(prev);
+	struct qt_runq *r = runq.lookup(&next);
+	if (!r)
+		return 0;
+	u64 now = bpf_ktime_get_ns(), since = r->since;
+	runq.delete(&next);
+	if (now - since < QT_RUNQ_MIN_NS) {
+		count(QT_K_RUNQ, QT_C_FILTERED);
+		return 0;
+	}
+	struct qt_thread *t = threads.lookup(&next);
+	if (!t)
+		return 0;
+	struct qt_event *e = reserve(QT_K_RUNQ, 1);
+	if (!e)
+		return 0;
+	e->ts_enter = since;
+	e->ts_exit = now;
+	e->cgroup_id = 0;
+	e->req_key = t->req_key;
+	e->ret = 0;
+	e->arg0 = prev; /* the task that had the CPU when we finally got it */
+	e->arg1 = bpf_get_smp_processor_id();
+	e->tgid = t->tgid;
+	e->tid = next;
+	e->fd = -1;
+	e->kind = QT_K_RUNQ;
+	e->fdtype = QT_FD_UNKNOWN;
+	e->flags = t->flags & QT_F_INFERRED;
+	e->record = QT_R_EVENT;
+	bpf_probe_read_kernel(e->comm, sizeof(e->comm), args->next_comm);
+	u8 *pl = (u8 *)(e + 1);
+	bpf_probe_read_kernel(pl, 16, args->prev_comm);
+	e->payload_len = 16;
+	e->payload_kind = QT_P_COMM;
 	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 	return 0;
 }

@@ -62,7 +62,9 @@ enum qt_kind {
 	QT_K_EPOLL_PWAIT = 34,
 	QT_K_SELECT = 35,
 	QT_K_PSELECT6 = 36,
-	QT_K_MAX = 37,
+	/* Runnable but not running: a request thread waiting for a CPU (sched group). */
+	QT_K_RUNQ = 37,
+	QT_K_MAX = 38,
 };
 
 /* What an fd is, as far as the kernel side knows (user space teaches it the rest). */
@@ -92,6 +94,7 @@ enum qt_payload {
 	QT_P_SOCKADDR = 4, /* raw struct sockaddr from connect/accept */
 	QT_P_TUPLE = 5,    /* struct qt_tuple from a TCP tracepoint */
 	QT_P_REQUEST_CONT = 6, /* more bytes of a request (capture sessions only) */
+	QT_P_COMM = 7,         /* a task name (the one that ran while we waited) */
 };
 
 /* Counters, per kind and per CPU: index kind * QT_C_MAX + counter. */

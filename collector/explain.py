@@ -5,6 +5,7 @@ The output is the public JSON contract of `qtrace explain` (documented in the RE
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -12,10 +13,16 @@ from collector.store import Store
 from qtrace.api.v1 import anomalies_pb2, services_pb2
 from qtrace.wire import anomaly_to_json, event_to_json
 
-MEASURED = ("network", "storage", "block_io")
-# Not measured until the sched and memory probe groups exist: reported as null, never 0.
-UNMEASURED = ("on_cpu", "runqueue", "page_fault", "lock")
-CATEGORY = {"network": "network", "storage": "storage", "block_io": "block_io", "other": "other"}
+MEASURED = ("network", "storage", "block_io", "runqueue")
+# Not measured until the memory probe group exists (and on-CPU time): null, never 0.
+UNMEASURED = ("on_cpu", "page_fault", "lock")
+CATEGORY = {
+    "network": "network",
+    "storage": "storage",
+    "block_io": "block_io",
+    "runqueue": "cpu",
+    "other": "other",
+}
 MIN_BASELINE = 20  # fewer normal queries than this: no percentiles, no findings by excess
 MIN_EXCESS_NS = 1_000_000  # below a millisecond, an excess is not worth a person's time
 THRESHOLD = 0.2  # a finding must explain at least this share of the query's time
@@ -151,7 +158,7 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
             f"{lost} events of this session were lost on {', '.join(a.node for a in drops)}: "
             "some of this query's may be among them"
         )
-    reasons.append("on_cpu, runqueue, page_fault and lock are not measured yet (null)")
+    reasons.append("on_cpu, page_fault and lock are not measured yet (null)")
     out["completeness"]["complete"] = not truncated and not drops
     out["completeness"]["clock_uncertainty_ns"] = store.clock_uncertainty(session_id)
     return out
@@ -199,6 +206,27 @@ def _culprits(others: list[services_pb2.NodeEvent], query_tids: set[int]) -> lis
     return sorted(seen.values(), key=lambda c: -c["events"])
 
 
+def _cpu_culprits(
+    node: str, waits: list[services_pb2.NodeEvent], ours: set[int]
+) -> list[dict[str, Any]]:
+    """Who had the CPU while the query's threads waited for it, by time taken."""
+    taken: dict[int, dict[str, Any]] = {}
+    for ne in waits:
+        detail = json.loads(ne.event.detail_json or "{}")
+        pid = int(detail.get("running_pid", 0))
+        if not pid or pid in ours:
+            continue
+        c = taken.setdefault(
+            pid,
+            {"node": node, "pod": None, "pid": pid, "tid": int(detail.get("running_tid", pid)),
+             "comm": detail.get("running_comm", "?"), "events": 0, "kinds": ["runq"],
+             "waited_ns": 0},
+        )  # fmt: skip
+        c["events"] += 1
+        c["waited_ns"] += ne.event.dur_ns
+    return sorted(taken.values(), key=lambda c: -c["waited_ns"])
+
+
 def _excess_finding(
     store: Store,
     query_id: str,
@@ -211,7 +239,7 @@ def _excess_finding(
     hop_events: list[services_pb2.NodeEvent],
     query_tids: set[int],
 ) -> dict[str, Any]:
-    group = {"network": "net", "storage": "storage"}.get(cat)
+    group = {"network": "net", "storage": "storage", "runqueue": "sched"}.get(cat)
     relevant = [
         ne
         for ne in hop_events
@@ -221,7 +249,11 @@ def _excess_finding(
     relevant.sort(key=lambda ne: -ne.event.dur_ns)
     evidence = [_event(ne) for ne in relevant[:5]]
     targets = sorted({ne.event.target for ne in relevant[:5] if ne.event.has_target})
-    others = store.window_events(hop["node"], hop["start_ns"], hop["end_ns"], targets, query_id)
+    if cat == "runqueue":
+        culprits = _cpu_culprits(hop["node"], relevant, query_tids | {hop["pid"]})
+    else:
+        others = store.window_events(hop["node"], hop["start_ns"], hop["end_ns"], targets, query_id)
+        culprits = _culprits(others, query_tids)
     where = f"{hop['comm']} (pid {hop['pid']}) on {hop['node']}"
     if cat == "other":
         summary = (
@@ -240,13 +272,19 @@ def _excess_finding(
             f"{where} spent {value / 1e6:.1f} ms in {cat.replace('_', ' ')} (normal p99 "
             f"{base['p99'] / 1e6:.1f} ms){what}"
         )
+        if cat == "runqueue" and culprits:
+            c = culprits[0]
+            summary = (
+                f"{where} waited {value / 1e6:.1f} ms for a CPU (normal p99 "
+                f"{base['p99'] / 1e6:.1f} ms) while {c['comm']} (pid {c['pid']}) had it"
+            )
     return {
         "category": CATEGORY[cat],
         "score": round(min(1.0, excess / query_total), 3),
         "summary": summary,
         "hop": {"node": hop["node"], "pid": hop["pid"], "comm": hop["comm"]},
         "evidence": evidence,
-        "culprits": _culprits(others, query_tids),
+        "culprits": culprits,
     }
 
 

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from collector.explain import NotFound, explain
+from collector.outliers import DEFAULT_FACTOR, detect
 from collector.sessions import SessionError, SessionRegistry, UnknownSession
 from collector.store import Store
 from qtrace.api.v1 import (
@@ -99,6 +100,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()
         self._stopping = threading.Event()
+        self.latency_factor = DEFAULT_FACTOR
 
     # -- AgentService ----------------------------------------------------------------------
 
@@ -327,6 +329,26 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             found = self.store.list_anomalies(request.session_id or None)
         return anomalies_pb2.ListAnomaliesResponse(anomalies=found)
 
+    def watch_latency(self, interval: float = 5.0) -> None:
+        """Flag latency outliers of sessions that received events since the last look."""
+        seen: dict[str, int] = {}
+        while not self._stopping.wait(interval):
+            self.detect_latency_all(seen)
+
+    def detect_latency_all(self, seen: dict[str, int]) -> int:
+        found = 0
+        for s in self.sessions.all():
+            with self._store_lock:
+                n = self.store.count_events(session_id=s.id)
+                if n == seen.get(s.id) or n == 0:
+                    continue
+                seen[s.id] = n
+                new = detect(self.store, s.id, self.latency_factor)
+                if new:
+                    self.store.add_anomalies(new, time.time_ns())
+                    found += len(new)
+        return found
+
     def stop(self) -> None:
         self._stopping.set()
         self.sessions.close()
@@ -359,6 +381,7 @@ def serve(listen: str, db: Path) -> tuple[grpc.Server, Collector, int]:
         store.close()
         raise OSError(f"cannot listen on {listen}")
     server.start()
+    threading.Thread(target=collector.watch_latency, name="qtrace-latency", daemon=True).start()
     for name in ["", *names[:2]]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, collector, port

@@ -12,8 +12,8 @@ from qtrace.api.v1 import services_pb2, sessions_pb2
 
 MAX_DURATION_NS = 24 * 3600 * 10**9
 DEFAULT_DURATION_NS = 10 * 60 * 10**9
-PROBE_GROUPS = ("net", "storage")
-FUTURE_GROUPS = ("sched", "memory", "node")
+PROBE_GROUPS = ("net", "storage", "sched")
+FUTURE_GROUPS = ("memory", "node")
 
 
 class SessionError(ValueError):
@@ -43,9 +43,11 @@ def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
         probes = list(PROBE_GROUPS)
     for p in probes:
         if p in FUTURE_GROUPS:
-            raise SessionError(f"probe group {p!r} is not available yet; use net, storage or all")
+            raise SessionError(
+                f"probe group {p!r} is not available yet; use net, storage, sched or all"
+            )
         if p not in PROBE_GROUPS:
-            raise SessionError(f"unknown probe group {p!r}; known: net, storage, all")
+            raise SessionError(f"unknown probe group {p!r}; known: net, storage, sched, all")
     if req.duration_ns < 0 or req.duration_ns > MAX_DURATION_NS:
         raise SessionError("duration must be between 1 s and 24 h")
     cap = req.capture

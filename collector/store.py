@@ -313,7 +313,9 @@ class Store:
                 FILTER (WHERE e.grp = 'storage' AND e.kind <> 'block_rq'), 0),
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
                 FILTER (WHERE e.kind = 'block_rq'), 0),
-              count(e.ts_ns), s.conn
+              count(e.ts_ns), s.conn,
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'runq'), 0)
             FROM spans s LEFT JOIN (
               SELECT *, ts_ns + dur_ns AS ev_end FROM ev
             ) e ON e.query_id = s.query_id AND e.node = s.node
@@ -322,7 +324,7 @@ class Store:
         with self._lock:
             rows = self._con.execute(sql, params).fetchall()
         keys = ("query_id", "node", "pid", "tid", "comm", "start_ns", "end_ns", "network",
-                "storage", "block_io", "events", "conn")  # fmt: skip
+                "storage", "block_io", "events", "conn", "runqueue")  # fmt: skip
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def targets_seen(

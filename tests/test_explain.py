@@ -161,3 +161,32 @@ def test_markup_in_traced_data_is_escaped() -> None:
     page = render_html(x, ev)
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert perfetto(x, ev)["metadata"]["query_id"] == evil  # JSON: data, not markup
+
+
+def test_latency_outliers_become_anomalies(replayed: Any) -> None:
+    col, _summary, journals, _pids = replayed
+    slow = {
+        r["query_id"] for j in journals.values() for r in j["records"] if r.get("fault") == "slow"
+    }
+    assert slow, "the deadline fault should have produced slow leaves"
+
+    def flagged() -> set[str]:
+        found = qtrace_json("anomalies", "--collector", col.addr)["anomalies"]
+        return {a["query_id"] for a in found if a["type"] == "latency"}
+
+    # The collector looks for outliers every few seconds once events arrive.
+    latency = wait_for(lambda: flagged() >= slow and flagged(), 30, "latency anomalies")
+    faulty = {r["query_id"] for j in journals.values() for r in j["records"] if r.get("fault")}
+    false_positives = latency - faulty
+    details = {
+        a["query_id"]: a["detail"]
+        for a in qtrace_json("anomalies", "--collector", col.addr)["anomalies"]
+        if a["query_id"] in false_positives
+    }
+    assert len(false_positives) <= max(3, len(latency) // 10), details
+    detail = next(
+        a["detail"]
+        for a in qtrace_json("anomalies", "--collector", col.addr)["anomalies"]
+        if a["type"] == "latency" and a["query_id"] in slow
+    )
+    assert detail["latency_ns"] > 5 * detail["median_ns"]
