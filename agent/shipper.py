@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
+from agent.clock import wall_ns
 from agent.model import Event
 from qtrace.api.v1 import events_pb2, services_pb2_grpc
 from qtrace.wire import event_to_pb
@@ -173,13 +174,13 @@ class Shipper:
                     continue
                 batch = self._queue[self._sent]
                 self._sent += 1
-                batch.sent_ns = time.time_ns()
+                batch.sent_ns = wall_ns()
                 batch.clock_offset_ns = self.clock.offset_ns
                 batch.clock_uncertainty_ns = self.clock.uncertainty_ns
             yield events_pb2.AgentMessage(batch=batch)
 
     def _on_ack(self, ack: events_pb2.BatchAck) -> None:
-        self.clock.add(ack, time.time_ns())
+        self.clock.add(ack, wall_ns())
         with self._cv:
             while self._queue and self._queue[0].seq <= ack.seq:
                 done = self._queue.popleft()

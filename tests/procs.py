@@ -42,9 +42,13 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 class Proc:
-    def __init__(self, args: list[str], ready: str) -> None:
+    def __init__(self, args: list[str], ready: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [QTRACE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            [QTRACE, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=None if env is None else {**os.environ, **env},
         )
         assert self.proc.stderr is not None
         self.first_line = self.proc.stderr.readline()  # printed once serving/attached
@@ -79,11 +83,14 @@ class Collector(Proc):
 
 
 class Agent(Proc):
-    def __init__(self, collector: str, node: str, scope: Path | None = None) -> None:
+    def __init__(
+        self, collector: str, node: str, scope: Path | None = None, skew_ns: int = 0
+    ) -> None:
         args = ["agent", "run", "--collector", collector, "--node", node]
         if scope is not None:
             args += ["--scope-cgroup", str(scope)]
-        super().__init__(args, "agent")
+        env = {"QTRACE_CLOCK_SKEW_NS": str(skew_ns)} if skew_ns else None
+        super().__init__(args, "agent", env)
 
 
 def move_to_cgroup(pid: int, cg: Path) -> None:

@@ -104,6 +104,45 @@ def test_two_nodes_one_session(tmp_path: Path, nodes: dict[str, Path]) -> None:
         col.stop()
 
 
+def test_skewed_node_clocks_still_nest_hops(tmp_path: Path, nodes: dict[str, Path]) -> None:
+    """node-a's clock runs 8 ms ahead, node-b's 8 ms behind: each agent's offset to the
+    collector, measured on its stream, puts both on one clock again."""
+    col = Collector(tmp_path / "q.duckdb")
+    skews = {"node-a": 8_000_000, "node-b": -8_000_000}
+    agents = [Agent(col.addr, n, scope, skew_ns=skews[n]) for n, scope in nodes.items()]
+    try:
+        with Cluster(tmp_path / "svc") as c:
+            move_to_cgroup(c.pids["root"], nodes["node-a"])
+            move_to_cgroup(c.pids["leaf0"], nodes["node-b"])
+            move_to_cgroup(c.pids["leaf1"], nodes["node-b"])
+            sid = qtrace_json(
+                "session", "start", "--comm", "qt-root", "--comm", "qt-leaf",
+                "--duration", "5m", "--collector", col.addr,
+            )["session_id"]  # fmt: skip
+            wait_for(lambda: joined(col.addr, sid, 2), 30, "both agents to start tracing")
+            queries = make_queries(60, seed=2)
+            assert all(r["status"] == 200 for r in run_queries(c.root_url, queries))
+            qtrace("session", "stop", sid, "--collector", col.addr)
+            wait_for(lambda: complete(col.addr, sid, 2), 60, "agents' final batches")
+        status = qtrace_json("status", "--collector", col.addr)
+        offsets = {a["node"]: a["clock_offset_ns"] for a in status["agents"]}
+        for node, skew in skews.items():
+            assert abs(offsets[node] + skew) < 2_000_000, offsets
+        for qid, _q in queries[20:]:  # after the first acks have measured the offsets
+            x = qtrace_json("explain", qid, "--collector", col.addr)
+            root = next(h for h in x["hops"] if h["comm"] == "qt-root")
+            leaves = [h for h in x["hops"] if h["comm"] == "qt-leaf"]
+            assert len(leaves) == 2
+            slack = x["completeness"]["clock_uncertainty_ns"]
+            for leaf in leaves:
+                assert root["start_ns"] - slack <= leaf["start_ns"], (qid, root, leaf)
+                assert leaf["end_ns"] <= root["end_ns"] + slack, (qid, root, leaf)
+    finally:
+        for a in agents:
+            a.stop()
+        col.stop()
+
+
 def test_collector_killed_mid_run_loses_and_duplicates_nothing(
     tmp_path: Path, nodes: dict[str, Path]
 ) -> None:
