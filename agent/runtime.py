@@ -58,11 +58,10 @@ def spec_for(s: sessions_pb2.Session, scope: str | None) -> TargetSpec:
     )
 
 
-def probe_config_for(s: sessions_pb2.Session) -> ProbeConfig:
+def probe_config_for(s: sessions_pb2.Session, ring_pages: int) -> ProbeConfig:
     groups = frozenset(s.probes) or ProbeConfig().groups
-    if s.capture.requests:
-        return ProbeConfig(groups=groups, capture_bytes=s.capture.max_bytes or 1024)
-    return ProbeConfig(groups=groups)
+    cap = (s.capture.max_bytes or 1024) if s.capture.requests else ProbeConfig().capture_bytes
+    return ProbeConfig(ring_pages=ring_pages, capture_bytes=cap, groups=groups)
 
 
 def extractor_for(s: sessions_pb2.Session) -> QueryIdExtractor:
@@ -79,7 +78,9 @@ class AgentRuntime:
         node: str,
         scope: str | None = None,
         drain_interval: float = 0.01,
+        ring_pages: int = ProbeConfig().ring_pages,
     ) -> None:
+        self.ring_pages = ring_pages
         self.collector = collector
         self.node = node
         self.scope = scope
@@ -163,7 +164,7 @@ class AgentRuntime:
                     spec_for(s, self.scope),
                     SessionSink(sid, self.shipper),
                     extractor_for(s),
-                    probe_config_for(s),
+                    probe_config_for(s, self.ring_pages),
                     strict=False,
                     capture=(s.capture.requests, s.capture.requests and s.capture.bodies),
                 ).start()

@@ -84,9 +84,15 @@ class Collector(Proc):
 
 class Agent(Proc):
     def __init__(
-        self, collector: str, node: str, scope: Path | None = None, skew_ns: int = 0
+        self,
+        collector: str,
+        node: str,
+        scope: Path | None = None,
+        skew_ns: int = 0,
+        ring_pages: int = 1024,
     ) -> None:
         args = ["agent", "run", "--collector", collector, "--node", node]
+        args += ["--ring-pages", str(ring_pages)]
         if scope is not None:
             args += ["--scope-cgroup", str(scope)]
         env = {"QTRACE_CLOCK_SKEW_NS": str(skew_ns)} if skew_ns else None

@@ -143,6 +143,38 @@ def test_skewed_node_clocks_still_nest_hops(tmp_path: Path, nodes: dict[str, Pat
         col.stop()
 
 
+def test_explanations_say_when_events_were_lost(tmp_path: Path) -> None:
+    col = Collector(tmp_path / "q.duckdb")
+    agent = Agent(col.addr, "node-a", ring_pages=1)  # 4 KiB: about 40 events per drain
+    try:
+        with Cluster(tmp_path / "svc") as c:
+            sid = qtrace_json(
+                "session", "start", "--comm", "qt-root", "--comm", "qt-leaf",
+                "--duration", "5m", "--collector", col.addr,
+            )["session_id"]  # fmt: skip
+            wait_for(lambda: joined(col.addr, sid, 1), 30, "the agent to start tracing")
+            queries = make_queries(300, seed=9)
+            assert all(r["status"] == 200 for r in run_queries(c.root_url, queries, 8))
+            qtrace("session", "stop", sid, "--collector", col.addr)
+            wait_for(lambda: complete(col.addr, sid, 1), 60, "the agent's final batch")
+        st = session_status(col.addr, sid)
+        lost = sum(a["dropped"] for a in st["agents"])
+        assert lost > 0, "a one-page ring buffer should overflow under this load"
+        known = next(
+            q
+            for q, _ in queries
+            if qtrace_json("query", "show", q, "--collector", col.addr)["events"]
+        )
+        x = qtrace_json("explain", known, "--collector", col.addr)
+        assert x["completeness"]["complete"] is False
+        assert any(
+            f"{lost} events of this session were lost" in r for r in x["completeness"]["reasons"]
+        )
+    finally:
+        agent.stop()
+        col.stop()
+
+
 def test_collector_killed_mid_run_loses_and_duplicates_nothing(
     tmp_path: Path, nodes: dict[str, Path]
 ) -> None:

@@ -152,6 +152,9 @@ def agent_run(
             "(to run several agents on one machine as stand-ins for nodes)."
         ),
     ] = None,
+    ring_pages: Annotated[
+        int, typer.Option(help="Ring buffer per session, in 4 KiB pages (power of two).")
+    ] = 1024,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the node agent: apply the collector's sessions here and ship their events."""
@@ -168,7 +171,11 @@ def agent_run(
         preflight.check()
         if scope_cgroup:
             TargetSpec.cgroup_dir(scope_cgroup)
-        runtime = AgentRuntime(collector, node or default_node(), scope=scope_cgroup)
+        if ring_pages < 1 or ring_pages & (ring_pages - 1):
+            raise QtraceError("--ring-pages must be a power of two (1, 2, 4, ...)")
+        runtime = AgentRuntime(
+            collector, node or default_node(), scope=scope_cgroup, ring_pages=ring_pages
+        )
     except QtraceError as e:
         fail(e)
     _on_stop_signals(runtime.stop_event)
