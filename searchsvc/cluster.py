@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -14,7 +15,10 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from searchsvc.faults import FAULTS, FaultConfig
+import psutil
+
+from searchsvc.faults import DEFAULT_FAULTS, FaultConfig
+from searchsvc.hog import PROCESS_NAME as HOG_NAME
 from searchsvc.index import build_index
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -49,7 +53,9 @@ class Cluster:
 
     ``fault_rate`` 0 is the "old deployment"; above 0 it is the "new" one, where
     each query may hit the ``faults`` (see :mod:`searchsvc.faults`), decided by
-    each leaf from ``random.Random(fault_seed + leaf_id)``.
+    each leaf from ``random.Random(fault_seed + leaf_id)``.  With ``cpu-starved``
+    in ``faults``, each leaf is pinned to one CPU and runs its own hog process
+    (:mod:`searchsvc.hog`) there, see :mod:`searchsvc.leaf` and :attr:`hog_pids`.
     """
 
     def __init__(
@@ -63,7 +69,7 @@ class Cluster:
         n_buckets: int = 1024,
         startup_timeout_s: float = 30.0,
         fault_rate: float = 0.0,
-        faults: tuple[str, ...] = FAULTS,
+        faults: tuple[str, ...] = DEFAULT_FAULTS,
         deadline_ms: int = 2000,
         fault_seed: int = 0,
     ) -> None:
@@ -92,6 +98,19 @@ class Cluster:
     @property
     def pids(self) -> dict[str, int]:
         return {role: proc.pid for role, proc in self._procs.items()}
+
+    @property
+    def hog_pids(self) -> dict[str, int]:
+        """Leaf role -> pid of its hog (the leaf's ``qt-hog`` child), for the leaves
+        that have one: only with the ``cpu-starved`` fault enabled."""
+        hogs: dict[str, int] = {}
+        for role, proc in self._procs.items():
+            if role.startswith("leaf") and proc.poll() is None:
+                for child in psutil.Process(proc.pid).children():
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        if child.name() == HOG_NAME:
+                            hogs[role] = child.pid
+        return hogs
 
     def start(self) -> Cluster:
         try:

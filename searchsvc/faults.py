@@ -4,9 +4,17 @@ Every process takes the same flags (``--fault-rate``, ``--faults``,
 ``--deadline-ms``, ``--fault-seed``); with ``--fault-rate 0`` (the default, the
 "old deployment") nothing is injected and nothing behaves differently.
 
+The faults are ``stale-index`` (a leaf answers from its stale ``.idx.next``
+twins), ``deadline`` (a leaf answers after the root's deadline) and
+``cpu-starved`` (a leaf's CPU is taken by a SCHED_FIFO neighbour process, see
+:mod:`searchsvc.hog`).  ``cpu-starved`` is off unless listed in ``--faults``:
+the default is :data:`DEFAULT_FAULTS`, the first two.
+
 Faults are decided per query by each leaf with one draw from its own seeded
-generator: with ``r`` uniform in [0, 1), the k-th configured fault happens when
-``k * rate <= r < (k + 1) * rate``.  Each fault therefore has probability
+generator: with ``r`` uniform in [0, 1), the k-th configured fault (from 0)
+happens when ``k * rate <= r < (k + 1) * rate``; listed in the canonical order
+of :data:`FAULTS`, that is [0, r) stale-index, [r, 2r) deadline, [2r, 3r)
+cpu-starved, counting only the enabled ones.  Each fault therefore has probability
 ``rate`` per query and leaf (for ``rate * len(faults) <= 1``), at most one
 fault hits a given leaf answer, and since every query costs exactly one draw,
 the number of faults a leaf injects over N queries depends only on the seed,
@@ -21,14 +29,16 @@ import threading
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Fault = Literal["stale-index", "deadline"]
+Fault = Literal["stale-index", "deadline", "cpu-starved"]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
+# What a FaultConfig, the CLI and a Cluster enable unless told otherwise.
+DEFAULT_FAULTS: tuple[Fault, ...] = ("stale-index", "deadline")
 
 
 @dataclass(frozen=True)
 class FaultConfig:
     rate: float = 0.0
-    faults: tuple[str, ...] = FAULTS
+    faults: tuple[str, ...] = DEFAULT_FAULTS
     deadline_ms: int = 2000
     seed: int = 0
 
@@ -91,7 +101,8 @@ def add_fault_args(parser: argparse.ArgumentParser) -> None:
         "--faults",
         type=_parse_faults,
         default=d.faults,
-        help=f"comma-separated faults to inject (default: {','.join(d.faults)})",
+        help=f"comma-separated faults to inject, of {','.join(FAULTS)} "
+        f"(default: {','.join(d.faults)})",
     )
     parser.add_argument(
         "--deadline-ms",

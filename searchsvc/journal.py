@@ -20,12 +20,15 @@ class Record(TypedDict):
     end_ns: int
     preads: int
     # None, or the fault this record's work suffered: leaf "stale-index" (answered
-    # from the .next twins) or "slow" (answer delayed past the root's deadline);
+    # from the .next twins), "slow" (answer delayed past the root's deadline) or
+    # "cpu-starved" (the leaf's CPU was taken by its SCHED_FIFO hog process);
     # root "dropped-leaf" (answered without some leaf); fanout "late" (the root
     # had already answered without this leaf's reply).
     fault: str | None
     # Root records only: indexes of the leaves the root answered without.
     dropped_leaves: NotRequired[list[int]]
+    # "cpu-starved" leaf records only: pid of the hog process that took the CPU.
+    hog_pid: NotRequired[int]
 
 
 class Snapshot(TypedDict):
@@ -48,6 +51,7 @@ class Span:
     preads: int = 0
     fault: str | None = None
     dropped_leaves: list[int] = field(default_factory=list)
+    hog_pid: int | None = None
     # Set by Journal.start: counted in the journal's in-flight spans.
     tracked: bool = False
 
@@ -81,6 +85,8 @@ class Journal:
         )
         if span.role == "root":
             record["dropped_leaves"] = list(span.dropped_leaves)
+        if span.hog_pid is not None:
+            record["hog_pid"] = span.hog_pid
         with self._lock:
             self._records.append(record)
             if span.tracked:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import statistics
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -15,7 +18,8 @@ import pytest
 
 from searchsvc.client import make_queries, run_queries
 from searchsvc.cluster import Cluster, get_json
-from searchsvc.faults import FaultConfig, FaultDice
+from searchsvc.faults import DEFAULT_FAULTS, FAULTS, FaultConfig, FaultDice
+from searchsvc.hog import MAX_SPIN_MS, parse_spin
 from searchsvc.index import (
     BLOCK_SIZE,
     Index,
@@ -25,6 +29,7 @@ from searchsvc.index import (
     shard_path,
     twin_path,
 )
+from searchsvc.leaf import STARVE_MS, default_cpu
 
 SHARDS = 4
 
@@ -347,3 +352,125 @@ def test_new_mode_differs_exactly_on_journaled_faults(tmp_path: Path) -> None:
     slow_pairs = {(q, leaf) for q, leaves in slow.items() for leaf in leaves}
     dropped_pairs = {(q, leaf) for q, leaves in dropped.items() for leaf in leaves}
     assert len(slow_pairs & dropped_pairs) >= 0.8 * len(slow_pairs)
+
+
+def test_cpu_starved_is_opt_in_and_keeps_the_other_draws() -> None:
+    assert "cpu-starved" in FAULTS and "cpu-starved" not in DEFAULT_FAULTS
+    assert FaultConfig().faults == DEFAULT_FAULTS
+    assert not FaultConfig(rate=0.5).enabled("cpu-starved")
+    both = FaultConfig(rate=0.05, seed=9)
+    three = FaultConfig(rate=0.05, faults=(*DEFAULT_FAULTS, "cpu-starved"), seed=9)
+    dice_a, dice_b = FaultDice(both, 1), FaultDice(three, 1)
+    a = [dice_a.draw() for _ in range(2000)]
+    b = [dice_b.draw() for _ in range(2000)]
+    # Adding cpu-starved only turns some of the no-fault draws into it.
+    assert all(y == x or (x is None and y == "cpu-starved") for x, y in zip(a, b, strict=True))
+    assert 50 <= Counter(b)["cpu-starved"] <= 150
+    alone = FaultConfig(rate=0.05, faults=("cpu-starved",), seed=9)
+    dice = FaultDice(alone, 1)
+    assert {dice.draw() for _ in range(2000)} == {None, "cpu-starved"}
+
+
+def test_hog_protocol() -> None:
+    assert parse_spin("spin 80\n") == 80
+    assert parse_spin(f"spin {MAX_SPIN_MS * 10}") == MAX_SPIN_MS
+    assert [parse_spin(t) for t in ("spin", "spin -1", "spin 1.5", "halt 3", "")] == [None] * 5
+    cpu = max(os.sched_getaffinity(0))
+    hog = subprocess.Popen(
+        [sys.executable, "-m", "searchsvc.hog", "--cpu", str(cpu)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert hog.stdin is not None and hog.stdout is not None
+    try:
+        assert hog.stdout.readline() == "ready\n"
+        assert Path(f"/proc/{hog.pid}/comm").read_text() == "qt-hog\n"
+        assert os.sched_getaffinity(hog.pid) == {cpu}
+        hog.stdin.write("spin 2\nbogus\nspin 1\n")
+        hog.stdin.flush()
+        lines = [hog.stdout.readline() for _ in range(5)]
+        assert lines[:2] == lines[3:] == ["spinning\n", "done\n"]
+        assert lines[2].startswith("error")
+        hog.stdin.close()
+        assert hog.wait(10) == 0
+    finally:
+        if hog.poll() is None:
+            hog.kill()
+        hog.wait()
+        hog.stdout.close()
+
+
+def _thread_affinities(pid: int) -> set[frozenset[int]]:
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_cpu_starved_only_delays_the_journaled_queries(tmp_path: Path) -> None:
+    n, rate, seed = 200, 0.05, 5
+    faults = ("cpu-starved",)
+    queries = make_queries(n, seed=31)
+    started = time.monotonic()
+    with (
+        Cluster(tmp_path / "old", shards=SHARDS) as old,
+        Cluster(
+            tmp_path / "new", shards=SHARDS, fault_rate=rate, faults=faults, fault_seed=seed
+        ) as new,
+    ):
+        assert old.hog_pids == {}
+        hogs = new.hog_pids
+        assert set(hogs) == {"leaf0", "leaf1"}
+        cpus = {f"leaf{i}": default_cpu(i) for i in range(2)}
+        for role, hog in hogs.items():
+            # The hog is its own process, named qt-hog, on its leaf's one CPU.
+            assert hog not in new.pids.values()
+            assert Path(f"/proc/{hog}/comm").read_text() == "qt-hog\n"
+            assert os.sched_getaffinity(hog) == {cpus[role]}
+            assert _thread_affinities(new.pids[role]) == {frozenset({cpus[role]})}
+        if len(os.sched_getaffinity(0)) == 2:
+            assert cpus == {"leaf0": 1, "leaf1": 0}
+        assert _thread_affinities(new.pids["root"]) == {frozenset(os.sched_getaffinity(0))}
+
+        old_results = run_queries(old.root_url, queries, concurrency=2)
+        new_results = run_queries(new.root_url, queries, concurrency=2)
+        journals = {role: new.journal(role, settle_s=10) for role in ("leaf0", "leaf1")}
+    elapsed = time.monotonic() - started
+    assert new.returncodes == old.returncodes == {"root": 0, "leaf0": 0, "leaf1": 0}
+    assert all(_pid_gone(pid) for pid in [*hogs.values(), *new.pids.values()])
+    assert elapsed < 60, f"{n} queries took {elapsed:.1f}s"
+
+    # Only the latency changes: every answer is the old one.
+    for o, nw in zip(old_results, new_results, strict=True):
+        assert o["status"] == nw["status"] == 200, (o, nw)
+        assert _without_time(o["body"]) == _without_time(nw["body"]), nw["query_id"]
+
+    starved: set[str] = set()
+    terms = {qid: len(q.split()) for qid, q in queries}
+    for leaf in range(2):
+        journal = journals[f"leaf{leaf}"]
+        assert journal["in_flight"] == 0
+        recs = journal["records"]
+        assert sorted(r["query_id"] for r in recs) == sorted(terms)
+        dice = FaultDice(FaultConfig(rate=rate, faults=faults, seed=seed), leaf)
+        expected = Counter(dice.draw() for _ in range(n))
+        assert Counter(r["fault"] for r in recs) == {
+            None: expected[None],
+            "cpu-starved": expected["cpu-starved"],
+        }
+        assert 2 <= expected["cpu-starved"] <= 25, expected
+        for r in recs:
+            assert r["preads"] == terms[r["query_id"]] * SHARDS
+            if r["fault"] == "cpu-starved":
+                assert r["hog_pid"] == hogs[f"leaf{leaf}"]
+                # The handler could not run while the hog spun on its CPU.
+                assert r["end_ns"] - r["start_ns"] >= STARVE_MS * 10**6
+                starved.add(r["query_id"])
+            else:
+                assert "hog_pid" not in r
+
+    latency_ms = {r["query_id"]: r["latency_ns"] / 1e6 for r in new_results}
+    slow = {qid: latency_ms[qid] for qid in starved}
+    others = [ms for qid, ms in latency_ms.items() if qid not in starved]
+    assert min(slow.values()) >= 60, slow
+    # Clearly above the rest: a concurrent query on the same leaf may share the
+    # wait, but most queries never meet a spinning hog.
+    assert statistics.median(others) <= 30, sorted(others)
