@@ -251,6 +251,11 @@ def _excess_finding(
     targets = sorted({ne.event.target for ne in relevant[:5] if ne.event.has_target})
     if cat == "runqueue":
         culprits = _cpu_culprits(hop["node"], relevant, query_tids | {hop["pid"]})
+        if not culprits:
+            # The task that ran just before us may be a sibling thread that waited too;
+            # the CPU's real taker shows in the waits of the rest of the process.
+            waits = store.kind_in_window(hop["node"], hop["start_ns"], hop["end_ns"], "runq")
+            culprits = _cpu_culprits(hop["node"], waits, query_tids | {hop["pid"]})
     else:
         others = store.window_events(hop["node"], hop["start_ns"], hop["end_ns"], targets, query_id)
         culprits = _culprits(others, query_tids)

@@ -362,6 +362,18 @@ class Store:
             ).fetchall()
         return [node_event(r) for r in rows]
 
+    def kind_in_window(
+        self, node: str, start_ns: int, end_ns: int, kind: str, limit: int = 2000
+    ) -> list[services_pb2.NodeEvent]:
+        """Every event of one kind on a node that overlaps a window (any query)."""
+        with self._lock:
+            rows = self._con.execute(
+                f"SELECT {QUERY_COLUMNS} FROM events WHERE node = ? AND kind = ?"
+                " AND ts_ns <= ? AND ts_ns + dur_ns >= ? ORDER BY ts_ns LIMIT ?",
+                [node, kind, end_ns, start_ns, limit],
+            ).fetchall()
+        return [node_event(r) for r in rows]
+
     def session_of(self, query_id: str) -> str | None:
         with self._lock:
             row = self._con.execute(
