@@ -204,6 +204,8 @@ class Decoder:
             group = "net"
         elif name == "runq":
             group = "sched"
+        elif fdtype == abi.FD_OTHER:
+            group = "other"  # pipes, eventfds, ttys: neither network nor storage
         else:
             group = "storage"
         return Event(

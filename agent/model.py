@@ -20,7 +20,7 @@ class Event:
     query_id: str | None
     request_key: int  # kernel-assigned request key, 0 = none
     inferred: bool  # attributed through a thread the request thread created
-    group: str  # "net" or "storage"
+    group: str  # "net", "storage", "sched" or "other" (pipes, eventfds, ttys)
     cgroup_id: int
     mono_ns: int  # the kernel's CLOCK_MONOTONIC start, for ordering within a node
     detail: dict[str, Any] | None = None

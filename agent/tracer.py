@@ -173,7 +173,10 @@ class Tracer:
         self._fds.new_cycle()
         decode = self._decoder.decode
         groups = self.probe_config.groups
-        events = [e for e in map(decode, records) if e is not None and e.group in groups]
+        # "other" (pipes and the like, seen once before the kernel learns to skip them)
+        # belongs to no probe group and is kept whatever the session asked for.
+        keep = groups | {"other"}
+        events = [e for e in map(decode, records) if e is not None and e.group in keep]
         self.sink.write(events)
         self.events_out += len(events)
         return len(events)

@@ -80,6 +80,21 @@ BPF_HASH(threads, u32, struct qt_thread, QT_MAX_THREADS);
 BPF_HASH(fds, struct qt_fdkey, struct qt_fdinfo, QT_MAX_FDS);
 BPF_HASH(blk, struct qt_blkkey, struct qt_blkinfo, 8192);
 BPF_HASH(runq, u32, struct qt_runq, QT_MAX_THREADS);
+
+/* Per CPU: since when the current task runs, and the longest slice that ended lately.
+ * A thread that waited for a CPU is charged to the task that took it longest during
+ * the wait, not merely to the one that happened to run last. */
+struct qt_slice {
+	u64 since;
+	u64 len;
+	u64 ended;
+	u32 pid;
+	u32 _pad;
+	char comm[16];
+};
+BPF_PERCPU_ARRAY(cpu_cur, struct qt_slice, 1);
+BPF_PERCPU_ARRAY(cpu_top, struct qt_slice, 1);
+#define QT_TOP_STALE_NS 100000000ULL
 #ifndef QT_RUNQ_MIN_NS
 #define QT_RUNQ_MIN_NS 100000 /* shorter waits are counted, not shipped */
 #endif
@@ -689,9 +704,27 @@ int qt_wakeup_new(struct tracepoint__sched__sched_wakeup_new *args)
 int qt_switch(struct tracepoint__sched__sched_switch *args)
 {
 	u32 prev = args->prev_pid, next = args->next_pid;
-	/* Preempted while runnable: it waits from now, with no wakeup to say so. */
+	u64 sw = bpf_ktime_get_ns();
+	int z = 0;
+	struct qt_slice *cur = cpu_cur.lookup(&z), *top = cpu_top.lookup(&z);
+	if (cur && top) {
+		u64 len = cur->since ? sw - cur->since : 0;
+		if (prev && (len >= top->len || sw - top->ended > QT_TOP_STALE_NS)) {
+			top->len = len;
+			top->ended = sw;
+			top->pid = prev;
+			bpf_probe_read_kernel(top->comm, sizeof(top->comm), args->prev_comm);
+		}
+		cur->since = sw;
+		cur->pid = next;
+	}
+	/* Preempted while runnable: it waits from now, with no wakeup to say so. Going to
+	 * sleep: any wakeup recorded while it was still running (the kernel traces those
+	 * too) is void, or the next real wait would seem to start then. */
 	if (args->prev_state == 0)
 		became_runnable(prev);
+	else
+		runq.delete(&prev);
 	struct qt_runq *r = runq.lookup(&next);
 	if (!r)
 		return 0;
@@ -712,7 +745,12 @@ int qt_switch(struct tracepoint__sched__sched_switch *args)
 	e->cgroup_id = 0;
 	e->req_key = t->req_key;
 	e->ret = 0;
-	e->arg0 = prev; /* the task that had the CPU when we finally got it */
+	/* Who took the CPU: the longest slice that ended during the wait, else the last. */
+	u32 taker = prev;
+	int use_top = top && top->ended >= since && top->pid && top->pid != next;
+	if (use_top)
+		taker = top->pid;
+	e->arg0 = taker;
 	e->arg1 = bpf_get_smp_processor_id();
 	e->tgid = t->tgid;
 	e->tid = next;
@@ -723,7 +761,10 @@ int qt_switch(struct tracepoint__sched__sched_switch *args)
 	e->record = QT_R_EVENT;
 	bpf_probe_read_kernel(e->comm, sizeof(e->comm), args->next_comm);
 	u8 *pl = (u8 *)(e + 1);
-	bpf_probe_read_kernel(pl, 16, args->prev_comm);
+	if (use_top)
+		bpf_probe_read_kernel(pl, 16, top->comm);
+	else
+		bpf_probe_read_kernel(pl, 16, args->prev_comm);
 	e->payload_len = 16;
 	e->payload_kind = QT_P_COMM;
 	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);

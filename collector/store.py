@@ -292,9 +292,16 @@ class Store:
               FROM events WHERE {where}
             ),
             first AS (
-              SELECT query_id, node, pid, arg_min(tid, ts_ns) AS tid,
-                arg_min(comm, ts_ns) AS comm, arg_min(ts_ns + dur_ns, ts_ns) AS start_ns,
-                arg_min(target, ts_ns) AS conn, max(ts_ns + dur_ns) AS last_end
+              -- the request read: the hop's first network event (a CPU wait or a pipe read
+              -- of its thread may come before it)
+              SELECT query_id, node, pid,
+                coalesce(arg_min(tid, ts_ns) FILTER (WHERE grp = 'net'), arg_min(tid, ts_ns))
+                  AS tid,
+                arg_min(comm, ts_ns) AS comm,
+                coalesce(arg_min(ts_ns + dur_ns, ts_ns) FILTER (WHERE grp = 'net'),
+                  arg_min(ts_ns + dur_ns, ts_ns)) AS start_ns,
+                arg_min(target, ts_ns) FILTER (WHERE grp = 'net') AS conn,
+                max(ts_ns + dur_ns) AS last_end
               FROM ev GROUP BY ALL
             ),
             spans AS (
@@ -304,6 +311,15 @@ class Store:
                   f.last_end) AS end_ns
               FROM first f JOIN ev e USING (query_id, node, pid)
               GROUP BY f.query_id, f.node, f.pid, f.tid, f.comm, f.start_ns, f.conn, f.last_end
+            ),
+            early AS (
+              -- a CPU wait that began before the request was read and ended inside the hop
+              SELECT s.query_id, s.node, s.pid,
+                sum(least(r.ts_ns + r.dur_ns, s.end_ns) - s.start_ns) AS early_ns
+              FROM spans s JOIN ev r ON r.kind = 'runq' AND r.query_id = s.query_id
+                AND r.node = s.node AND r.pid = s.pid AND r.ts_ns < s.start_ns
+                AND r.ts_ns + r.dur_ns > s.start_ns
+              GROUP BY ALL
             )
             -- time inside the hop only: a wait that outlived the answer counts up to it
             SELECT s.query_id, s.node, s.pid, s.tid, s.comm, s.start_ns, s.end_ns,
@@ -316,10 +332,12 @@ class Store:
               count(e.ts_ns), s.conn,
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
                 FILTER (WHERE e.kind = 'runq'), 0)
+              + coalesce(max(x.early_ns), 0)
             FROM spans s LEFT JOIN (
               SELECT *, ts_ns + dur_ns AS ev_end FROM ev
             ) e ON e.query_id = s.query_id AND e.node = s.node
               AND e.pid = s.pid AND e.ts_ns >= s.start_ns AND e.ts_ns < s.end_ns
+            LEFT JOIN early x ON x.query_id = s.query_id AND x.node = s.node AND x.pid = s.pid
             GROUP BY ALL ORDER BY s.end_ns DESC LIMIT {int(limit)}"""
         with self._lock:
             rows = self._con.execute(sql, params).fetchall()
