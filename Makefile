@@ -28,6 +28,7 @@ bench: setup
 	$(PY) bench/ingest_grpc.py
 	$(PY) bench/ingest_store.py
 	$(PY) bench/replay_throughput.py
+	$(PY) bench/explain_accuracy.py
 
 # Regenerates qtrace/api/ from protos/ (tests fail when the committed code is stale).
 protos:
