@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck unit bench protos clean
+.PHONY: setup setup-test demo test lint typecheck unit bench protos clean
 
 setup:
 	bash scripts/setup.sh
@@ -21,7 +21,10 @@ typecheck:
 unit:
 	$(VENV)/bin/pytest -q
 
-test: setup lint typecheck unit
+setup-test:
+	bash scripts/setup.sh --test
+
+test: setup-test lint typecheck unit
 
 bench: setup
 	$(PY) bench/trace_overhead.py

@@ -262,9 +262,9 @@ def _excess_finding(
     where = f"{hop['comm']} (pid {hop['pid']}) on {hop['node']}"
     if cat == "other":
         summary = (
-            f"{where} spent {value / 1e6:.1f} ms outside traced syscalls (normal p99 "
-            f"{base['p99'] / 1e6:.1f} ms): on CPU, waiting for a CPU, a lock or a sleep; "
-            "trace with --probes sched,memory to tell which"
+            f"{where} spent {value / 1e6:.1f} ms outside traced syscalls and CPU waits "
+            f"(normal p99 {base['p99'] / 1e6:.1f} ms): on CPU, in a lock, asleep or on a "
+            "pipe; the memory probe group (not yet available) will tell locks apart"
         )
     else:
         top = evidence[0] if evidence else None

@@ -10,7 +10,9 @@ _COLOURS = {
     "storage": "#f59e0b",
     "block_rq": "#ef4444",
     "hop": "#10b981",
-    "culprit": "#a855f7",
+    "sched": "#a855f7",
+    "other": "#6b7280",
+    "culprit": "#db2777",
 }
 
 
@@ -188,7 +190,7 @@ td, th {{ border: 1px solid #ddd; padding: 2px 8px; text-align: right; }}
 <h2>Findings, most likely cause first</h2><ol id="findings">{findings}</ol>
 <h2>Hops</h2><table><tr><th>node</th><th>process</th><th>pid</th><th>total ms</th>{cols}</tr>{hop_rows}</table>
 <h2>Timeline</h2>
-<p class="legend"><span style="background:{_COLOURS["hop"]}">hop</span><span style="background:{_COLOURS["net"]}">network</span><span style="background:{_COLOURS["storage"]}">storage</span><span style="background:{_COLOURS["block_rq"]}">block I/O</span> hover a bar for details; {span / 1e6:.3f} ms in all</p>
+<p class="legend"><span style="background:{_COLOURS["hop"]}">hop</span><span style="background:{_COLOURS["net"]}">network</span><span style="background:{_COLOURS["storage"]}">storage</span><span style="background:{_COLOURS["block_rq"]}">block I/O</span><span style="background:{_COLOURS["sched"]}">CPU wait</span><span style="background:{_COLOURS["other"]}">pipe etc.</span> hover a bar for details; {span / 1e6:.3f} ms in all</p>
 <svg id="timeline" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}">{"".join(svg)}</svg>
 </body></html>
 """

@@ -12,6 +12,8 @@ die() { echo "qtrace setup: $*" >&2; exit 1; }
 # System packages: Debian's bcc (PyPI's "bcc" is unrelated), kernel headers for BCC's
 # compiler, bpftool for inspection, iproute2 for network-namespace tests.
 pkgs=(python3-bpfcc linux-headers-amd64 bpftool iproute2 procps util-linux)
+# The tests also render HTML timelines in Debian's headless Chromium.
+[[ ${1:-} == --test ]] && pkgs+=(chromium)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -221,3 +221,30 @@ def test_latency_outliers_become_anomalies(replayed: Any) -> None:
         if a["type"] == "latency" and a["query_id"] in slow
     )
     assert detail["latency_ns"] > 5 * detail["median_ns"]
+
+
+def test_html_timeline_renders_in_chromium(replayed: Any, tmp_path: Path) -> None:
+    """Debian's headless Chromium opens the page offline and lays out the timeline."""
+    col, summary, _journals, _pids = replayed
+    qid = summary["mismatches"][0]["query_id"]
+    page = tmp_path / "t.html"
+    qtrace("timeline", qid, "--format", "html", "-o", str(page), "--collector", col.addr)
+    profile = tmp_path / "profile"
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", "--virtual-time-budget=2000",
+    ]  # fmt: skip
+    dom = subprocess.run(
+        ["chromium", *flags, "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert 'id="timeline"' in dom.stdout and 'id="findings"' in dom.stdout
+    assert dom.stdout.count("<rect") >= 3
+    shot = tmp_path / "t.png"
+    subprocess.run(
+        ["chromium", *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    png = shot.read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
