@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from agent import abi
@@ -104,6 +105,9 @@ class Decoder:
         self.capture_requests, self.capture_bodies = capture
         self.capture_limit = capture_limit
         self._partial: dict[int, bytes] = {}
+        self.lock_paths: set[str] = set()
+        self.context_skipped = 0
+        self.is_target: Callable[[int, int], bool] = lambda tgid, cgroup_id: True
         self._tgids: dict[int, int] = {}
         self.extractor = extractor
         self.resolver = resolver
@@ -196,6 +200,17 @@ class Decoder:
             if entry is not None:
                 target = entry.target
                 fdtype = entry.fdtype if fdtype == abi.FD_UNKNOWN else fdtype
+            if kind == _K["flock"]:
+                # Node-wide: a neighbour's lock matters only on a file our targets lock.
+                if self.is_target(tgid, cgroup_id):
+                    if target:
+                        self.lock_paths.add(target)
+                elif target not in self.lock_paths:
+                    self.context_skipped += 1  # received, deliberately not kept
+                    return None
+                op = int(arg0)
+                what = {1: "LOCK_SH", 2: "LOCK_EX", 8: "LOCK_UN"}.get(op & 11, str(op))
+                detail = {"op": what + ("|LOCK_NB" if op & 4 else "")}
             if kind in (_K["sendfile64"], _K["splice"]):
                 src = res.lookup(tgid, int(arg0), abi.FD_FILE)
                 detail = {"in_fd": int(arg0), "in_target": src.target if src else None}
@@ -204,6 +219,8 @@ class Decoder:
             group = "net"
         elif name == "runq":
             group = "sched"
+        elif name == "flock":
+            group = "lock"
         elif fdtype == abi.FD_OTHER:
             group = "other"  # pipes, eventfds, ttys: neither network nor storage
         else:

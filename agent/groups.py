@@ -41,6 +41,7 @@ PROBE_GROUPS: dict[str, frozenset[str]] = {
         "unlink",
         "unlinkat",
         "block_rq",
+        "flock",
     },
     # Request threads waiting for a CPU, and what ran instead.
     "sched": frozenset({"runq"}),

@@ -139,6 +139,10 @@ class Probes:
     def watch_exec(self, on: bool) -> None:
         self._bpf[b"config"][ctypes.c_int(0)] = ctypes.c_uint64(1 if on else 0)
 
+    def lock_context(self, on: bool) -> None:
+        """Trace file locks of every process on the node (holders are neighbours)."""
+        self._bpf[b"config"][ctypes.c_int(2)] = ctypes.c_uint64(1 if on else 0)
+
     def capture_requests(self, on: bool) -> None:
         """Follow requests past their first read until QT_CAP_BYTES are shipped."""
         self._bpf[b"config"][ctypes.c_int(1)] = ctypes.c_uint64(1 if on else 0)

@@ -74,17 +74,22 @@ class Tracer:
             ) from e
         probes = self._probes
         self._fds = FdResolver(teach=probes.set_fd_type)
-        self._decoder = Decoder(
+        decoder = self._decoder = Decoder(
             self.extractor,
             self._fds,
             WallClock(),
             self.capture,
             capture_limit=self.probe_config.capture_bytes,
         )
+        decoder.is_target = lambda tgid, cgroup_id: (
+            tgid in self._targets or cgroup_id in self._cgroups
+        )
         if self.spec.comms or self.spec.cmdlines:
             probes.watch_exec(True)
         if self.capture[0]:
             probes.capture_requests(True)
+        if "flock" in self.probe_config.kinds():
+            probes.lock_context(True)
         self.rescan()
         return self
 
@@ -175,7 +180,7 @@ class Tracer:
         groups = self.probe_config.groups
         # "other" (pipes and the like, seen once before the kernel learns to skip them)
         # belongs to no probe group and is kept whatever the session asked for.
-        keep = groups | {"other"}
+        keep = groups | {"other"} | ({"lock"} if "storage" in groups else set())
         events = [e for e in map(decode, records) if e is not None and e.group in keep]
         self.sink.write(events)
         self.events_out += len(events)

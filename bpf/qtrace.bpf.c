@@ -73,7 +73,8 @@ BPF_HASH(traced_ports, u16, u8, 1024);   /* listening ports of traced tasks */
 /* LRU: sockets whose close we never see must not fill these for good. */
 BPF_TABLE("lru_hash", u64, u32, traced_socks, 65536); /* struct sock * -> tgid */
 BPF_TABLE("lru_hash", u64, u64, sock_since, 65536);   /* struct sock * -> phase start */
-BPF_ARRAY(config, u64, 4); /* [0]: report execs (name targets); [1]: capture requests */
+/* [0]: report execs (name targets); [1]: capture requests; [2]: node-wide lock context */
+BPF_ARRAY(config, u64, 4);
 
 BPF_HASH(inflight, u32, struct qt_inflight, QT_MAX_THREADS);
 BPF_HASH(threads, u32, struct qt_thread, QT_MAX_THREADS);
@@ -157,11 +158,20 @@ static __always_inline int is_read_kind(u16 kind)
 
 /* ---- syscall enter: remember the arguments until the exit ---- */
 
+static __always_inline int node_wide(u16 kind)
+{
+	if (kind != QT_K_FLOCK)
+		return 0;
+	int two = 2;
+	u64 *on = config.lookup(&two);
+	return on && *on;
+}
+
 static __always_inline int on_enter(u16 kind, s32 fd, u64 a0, u64 a1, u64 p0, u64 p1)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32, tid = (u32)id;
-	if (!traced(tgid))
+	if (!traced(tgid) && !node_wide(kind))
 		return 0;
 
 	u8 fdtype = QT_FD_UNKNOWN;
@@ -409,6 +419,7 @@ QT_FD_SYSCALL(fsync, QT_K_FSYNC, fd, 0, 0, 0)
 QT_FD_SYSCALL(fdatasync, QT_K_FDATASYNC, fd, 0, 0, 0)
 QT_FD_SYSCALL(ftruncate, QT_K_FTRUNCATE, fd, args->length, 0, 0)
 QT_FD_SYSCALL(unlinkat, QT_K_UNLINKAT, dfd, args->flag, 0, args->pathname)
+QT_FD_SYSCALL(flock, QT_K_FLOCK, fd, args->cmd, 0, 0)
 
 /* The first polled fd names what is waited for (its target); usually there is one. */
 static __always_inline s32 first_pollfd(const void *ufds)

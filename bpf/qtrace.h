@@ -64,7 +64,10 @@ enum qt_kind {
 	QT_K_PSELECT6 = 36,
 	/* Runnable but not running: a request thread waiting for a CPU (sched group). */
 	QT_K_RUNQ = 37,
-	QT_K_MAX = 38,
+	/* File locks. Node-wide when lock context is on: whoever holds a lock a request
+	 * waits for is usually not a traced process. */
+	QT_K_FLOCK = 38,
+	QT_K_MAX = 39,
 };
 
 /* What an fd is, as far as the kernel side knows (user space teaches it the rest). */

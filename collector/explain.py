@@ -13,14 +13,15 @@ from collector.store import Store
 from qtrace.api.v1 import anomalies_pb2, services_pb2
 from qtrace.wire import anomaly_to_json, event_to_json
 
-MEASURED = ("network", "storage", "block_io", "runqueue")
+MEASURED = ("network", "storage", "block_io", "runqueue", "lock")
 # Not measured until the memory probe group exists (and on-CPU time): null, never 0.
-UNMEASURED = ("on_cpu", "page_fault", "lock")
+UNMEASURED = ("on_cpu", "page_fault")
 CATEGORY = {
     "network": "network",
     "storage": "storage",
     "block_io": "block_io",
     "runqueue": "cpu",
+    "lock": "lock",
     "other": "other",
 }
 MIN_BASELINE = 20  # fewer normal queries than this: no percentiles, no findings by excess
@@ -158,7 +159,7 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
             f"{lost} events of this session were lost on {', '.join(a.node for a in drops)}: "
             "some of this query's may be among them"
         )
-    reasons.append("on_cpu, page_fault and lock are not measured yet (null)")
+    reasons.append("on_cpu and page_fault are not measured yet (null)")
     out["completeness"]["complete"] = not truncated and not drops
     out["completeness"]["clock_uncertainty_ns"] = store.clock_uncertainty(session_id)
     return out
@@ -239,7 +240,7 @@ def _excess_finding(
     hop_events: list[services_pb2.NodeEvent],
     query_tids: set[int],
 ) -> dict[str, Any]:
-    group = {"network": "net", "storage": "storage", "runqueue": "sched"}.get(cat)
+    group = {"network": "net", "storage": "storage", "runqueue": "sched", "lock": "lock"}.get(cat)
     relevant = [
         ne
         for ne in hop_events
@@ -258,6 +259,8 @@ def _excess_finding(
             culprits = _cpu_culprits(hop["node"], waits, query_tids | {hop["pid"]})
     else:
         others = store.window_events(hop["node"], hop["start_ns"], hop["end_ns"], targets, query_id)
+        if cat == "lock":  # the holders: exclusive lockers, not other shared readers
+            others = [ne for ne in others if "LOCK_EX" in ne.event.detail_json]
         culprits = _culprits(others, query_tids)
     where = f"{hop['comm']} (pid {hop['pid']}) on {hop['node']}"
     if cat == "other":
@@ -277,6 +280,12 @@ def _excess_finding(
             f"{where} spent {value / 1e6:.1f} ms in {cat.replace('_', ' ')} (normal p99 "
             f"{base['p99'] / 1e6:.1f} ms){what}"
         )
+        if cat == "lock" and culprits:
+            c = culprits[0]
+            summary = (
+                f"{where} waited {value / 1e6:.1f} ms for a file lock on {targets[0]} "
+                f"(normal p99 {base['p99'] / 1e6:.1f} ms) held by {c['comm']} (pid {c['pid']})"
+            )
         if cat == "runqueue" and culprits:
             c = culprits[0]
             summary = (
