@@ -20,6 +20,7 @@ import psutil
 from searchsvc.faults import DEFAULT_FAULTS, FaultConfig
 from searchsvc.hog import PROCESS_NAME as HOG_NAME
 from searchsvc.index import build_index
+from searchsvc.locker import PROCESS_NAME as LOCKER_NAME
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -56,6 +57,8 @@ class Cluster:
     each leaf from ``random.Random(fault_seed + leaf_id)``.  With ``cpu-starved``
     in ``faults``, each leaf is pinned to one CPU and runs its own hog process
     (:mod:`searchsvc.hog`) there, see :mod:`searchsvc.leaf` and :attr:`hog_pids`.
+    With ``lock-held``, each leaf runs its own locker process
+    (:mod:`searchsvc.locker`), see :attr:`locker_pids`.
     """
 
     def __init__(
@@ -103,14 +106,23 @@ class Cluster:
     def hog_pids(self) -> dict[str, int]:
         """Leaf role -> pid of its hog (the leaf's ``qt-hog`` child), for the leaves
         that have one: only with the ``cpu-starved`` fault enabled."""
-        hogs: dict[str, int] = {}
+        return self._leaf_children(HOG_NAME)
+
+    @property
+    def locker_pids(self) -> dict[str, int]:
+        """Leaf role -> pid of its locker (the leaf's ``qt-locker`` child), for the
+        leaves that have one: only with the ``lock-held`` fault enabled."""
+        return self._leaf_children(LOCKER_NAME)
+
+    def _leaf_children(self, name: str) -> dict[str, int]:
+        found: dict[str, int] = {}
         for role, proc in self._procs.items():
             if role.startswith("leaf") and proc.poll() is None:
                 for child in psutil.Process(proc.pid).children():
                     with contextlib.suppress(psutil.NoSuchProcess):
-                        if child.name() == HOG_NAME:
-                            hogs[role] = child.pid
-        return hogs
+                        if child.name() == name:
+                            found[role] = child.pid
+        return found
 
     def start(self) -> Cluster:
         try:

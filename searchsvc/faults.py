@@ -5,20 +5,23 @@ Every process takes the same flags (``--fault-rate``, ``--faults``,
 "old deployment") nothing is injected and nothing behaves differently.
 
 The faults are ``stale-index`` (a leaf answers from its stale ``.idx.next``
-twins), ``deadline`` (a leaf answers after the root's deadline) and
+twins), ``deadline`` (a leaf answers after the root's deadline),
 ``cpu-starved`` (a leaf's CPU is taken by a SCHED_FIFO neighbour process, see
-:mod:`searchsvc.hog`).  ``cpu-starved`` is off unless listed in ``--faults``:
-the default is :data:`DEFAULT_FAULTS`, the first two.
+:mod:`searchsvc.hog`) and ``lock-held`` (a leaf blocks on a file lock that a
+neighbour process holds, see :mod:`searchsvc.locker`).  ``cpu-starved`` and
+``lock-held`` are off unless listed in ``--faults``: the default is
+:data:`DEFAULT_FAULTS`, the first two.
 
 Faults are decided per query by each leaf with one draw from its own seeded
 generator: with ``r`` uniform in [0, 1), the k-th configured fault (from 0)
 happens when ``k * rate <= r < (k + 1) * rate``; listed in the canonical order
 of :data:`FAULTS`, that is [0, r) stale-index, [r, 2r) deadline, [2r, 3r)
-cpu-starved, counting only the enabled ones.  Each fault therefore has probability
-``rate`` per query and leaf (for ``rate * len(faults) <= 1``), at most one
-fault hits a given leaf answer, and since every query costs exactly one draw,
-the number of faults a leaf injects over N queries depends only on the seed,
-not on how concurrent queries interleave.
+cpu-starved, [3r, 4r) lock-held, counting only the enabled ones.  Each fault
+therefore has probability ``rate`` per query and leaf (for
+``rate * len(faults) <= 1``), at most one fault hits a given leaf answer, and
+since every query costs exactly one draw, the number of faults a leaf injects
+over N queries depends only on the seed, not on how concurrent queries
+interleave.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Fault = Literal["stale-index", "deadline", "cpu-starved"]
+Fault = Literal["stale-index", "deadline", "cpu-starved", "lock-held"]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
 # What a FaultConfig, the CLI and a Cluster enable unless told otherwise.
 DEFAULT_FAULTS: tuple[Fault, ...] = ("stale-index", "deadline")

@@ -21,7 +21,8 @@ class Record(TypedDict):
     preads: int
     # None, or the fault this record's work suffered: leaf "stale-index" (answered
     # from the .next twins), "slow" (answer delayed past the root's deadline) or
-    # "cpu-starved" (the leaf's CPU was taken by its SCHED_FIFO hog process);
+    # "cpu-starved" (the leaf's CPU was taken by its SCHED_FIFO hog process),
+    # "lock-held" (the leaf waited for a file lock its locker process held);
     # root "dropped-leaf" (answered without some leaf); fanout "late" (the root
     # had already answered without this leaf's reply).
     fault: str | None
@@ -29,6 +30,8 @@ class Record(TypedDict):
     dropped_leaves: NotRequired[list[int]]
     # "cpu-starved" leaf records only: pid of the hog process that took the CPU.
     hog_pid: NotRequired[int]
+    # "lock-held" leaf records only: pid of the locker process that held the lock.
+    locker_pid: NotRequired[int]
 
 
 class Snapshot(TypedDict):
@@ -52,6 +55,7 @@ class Span:
     fault: str | None = None
     dropped_leaves: list[int] = field(default_factory=list)
     hog_pid: int | None = None
+    locker_pid: int | None = None
     # Set by Journal.start: counted in the journal's in-flight spans.
     tracked: bool = False
 
@@ -87,6 +91,8 @@ class Journal:
             record["dropped_leaves"] = list(span.dropped_leaves)
         if span.hog_pid is not None:
             record["hog_pid"] = span.hog_pid
+        if span.locker_pid is not None:
+            record["locker_pid"] = span.locker_pid
         with self._lock:
             self._records.append(record)
             if span.tracked:

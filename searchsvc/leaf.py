@@ -1,7 +1,7 @@
 """Leaf process: answers ``/search`` from its on-disk index with preads.
 
 Run as ``python -m searchsvc.leaf --index DIR [--host H] [--port P]
-[--fault-rate F --faults stale-index,deadline,cpu-starved --deadline-ms MS
+[--fault-rate F --faults stale-index,deadline,cpu-starved,lock-held --deadline-ms MS
 --fault-seed S] [--cpu N]``; prints the bound port on stdout once listening.
 
 With a fault rate (the "new deployment"), each query may be answered from the
@@ -18,12 +18,23 @@ handler thread tells the hog to spin for :data:`STARVE_MS` at SCHED_FIFO, waits
 only until the hog says it is spinning, and goes on with its normal work: the
 thread is woken but cannot run until the spin is over, so the answer (the same
 as without the fault) is that much late.  The hog is stopped with the leaf.
+
+With ``lock-held`` enabled, the leaf creates ``<index>/refresh.lock`` and starts
+a :mod:`searchsvc.locker` child process on it; every query then reads its index
+under ``flock(LOCK_SH)`` taken through its own fresh open of that file.  On the
+fault (``"fault": "lock-held"`` and ``"locker_pid"``), the handler tells the
+locker to hold ``LOCK_EX`` for :data:`LOCK_HOLD_MS` (one hold per leaf at a
+time), waits until it says it has the lock, and goes on: its ``LOCK_SH`` blocks
+until the locker lets go, so the same answer is that much late.  Queries that
+take their ``LOCK_SH`` meanwhile share the wait.  The locker is stopped with
+the leaf.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import heapq
 import itertools
 import os
@@ -46,8 +57,11 @@ REFRESH_INTERVAL_S = 0.05
 SLOW_FACTOR = 1.5
 # How long the hog takes the leaf's CPU on a cpu-starved fault.
 STARVE_MS = 80
-HOG_START_TIMEOUT_S = 10.0
-HOG_STOP_TIMEOUT_S = 5.0
+# How long the locker holds the leaf's lock file on a lock-held fault.
+LOCK_HOLD_MS = 80
+LOCK_FILE = "refresh.lock"
+CHILD_START_TIMEOUT_S = 10.0
+CHILD_STOP_TIMEOUT_S = 5.0
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -120,17 +134,21 @@ def pin_process(cpu: int) -> None:
         os.sched_setaffinity(int(tid), {cpu})
 
 
-class Hog:
-    """A :mod:`searchsvc.hog` child process pinned to ``cpu``, driven over its
-    stdin and stdout; one spin at a time."""
+class _Child:
+    """A helper child process (``python -m MODULE ARGS``) driven over its stdin
+    and stdout, one command at a time; started once it prints ``ready``."""
 
-    def __init__(self, cpu: int, start_timeout_s: float = HOG_START_TIMEOUT_S) -> None:
+    name: ClassVar[str] = "child"
+
+    def __init__(
+        self, module: str, args: list[str], start_timeout_s: float = CHILD_START_TIMEOUT_S
+    ) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p
         )
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "searchsvc.hog", "--cpu", str(cpu)],
+            [sys.executable, "-m", module, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -142,7 +160,7 @@ class Hog:
             with selectors.DefaultSelector() as sel:
                 sel.register(self._proc.stdout, selectors.EVENT_READ)
                 if not sel.select(start_timeout_s):
-                    raise TimeoutError(f"hog on CPU {cpu} did not report ready")
+                    raise TimeoutError(f"{self.name} {args} did not report ready")
             self._expect(b"ready")
         except BaseException:
             self.stop()
@@ -156,25 +174,24 @@ class Hog:
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
         if line.strip() != word:
-            raise RuntimeError(f"hog {self.pid}: expected {word!r}, got {line!r}")
+            raise RuntimeError(f"{self.name} {self.pid}: expected {word!r}, got {line!r}")
 
     @contextlib.contextmanager
-    def spinning(self, ms: int) -> Iterator[None]:
-        """Run the body while the hog spins ``ms`` on its CPU, then consume its
-        ``done``.  The body starts once the hog is spinning, so a thread on that
-        CPU runs its first instruction only after the spin."""
+    def _command(self, command: str, started: bytes) -> Iterator[None]:
+        """Send ``command``, run the body once the child answers ``started``,
+        then consume its ``done``; one command at a time."""
         with self._lock:
             assert self._proc.stdin is not None
-            self._proc.stdin.write(f"spin {ms}\n".encode())
+            self._proc.stdin.write(f"{command}\n".encode())
             self._proc.stdin.flush()
-            self._expect(b"spinning")
+            self._expect(started)
             try:
                 yield
             finally:
                 self._expect(b"done")
 
-    def stop(self, timeout_s: float = HOG_STOP_TIMEOUT_S) -> int:
-        """EOF the hog (after any spin in progress) and reap it; its exit status."""
+    def stop(self, timeout_s: float = CHILD_STOP_TIMEOUT_S) -> int:
+        """EOF the child (after any command in progress) and reap it; its exit status."""
         locked = self._lock.acquire(timeout=timeout_s)
         try:
             if self._proc.stdin is not None:
@@ -193,6 +210,52 @@ class Hog:
                 self._lock.release()
 
 
+class Hog(_Child):
+    """A :mod:`searchsvc.hog` child process pinned to ``cpu``; one spin at a time."""
+
+    name: ClassVar[str] = "hog"
+
+    def __init__(self, cpu: int, start_timeout_s: float = CHILD_START_TIMEOUT_S) -> None:
+        super().__init__("searchsvc.hog", ["--cpu", str(cpu)], start_timeout_s)
+
+    def spinning(self, ms: int) -> contextlib.AbstractContextManager[None]:
+        """Run the body while the hog spins ``ms`` on its CPU, then consume its
+        ``done``.  The body starts once the hog is spinning, so a thread on that
+        CPU runs its first instruction only after the spin."""
+        return self._command(f"spin {ms}", b"spinning")
+
+
+class Locker(_Child):
+    """A :mod:`searchsvc.locker` child process that flocks ``path``; one hold at a time."""
+
+    name: ClassVar[str] = "locker"
+
+    def __init__(self, path: Path, start_timeout_s: float = CHILD_START_TIMEOUT_S) -> None:
+        super().__init__("searchsvc.locker", ["--path", str(path)], start_timeout_s)
+
+    def holding(self, ms: int) -> contextlib.AbstractContextManager[None]:
+        """Run the body once the locker holds its exclusive lock (for ``ms`` from
+        when it took it), then consume its ``done``: a ``LOCK_SH`` in the body
+        blocks until the locker lets go."""
+        return self._command(f"hold {ms}", b"locked")
+
+
+@contextlib.contextmanager
+def shared_lock(path: Path) -> Iterator[None]:
+    """Hold ``flock(LOCK_SH)`` on ``path`` through a fresh open file description:
+    flock locks belong to the description, so concurrent handler threads must
+    not share one fd."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class LeafHandler(JsonHandler):
     role: ClassVar[Role] = "leaf"
     index: ClassVar[Index]
@@ -201,6 +264,10 @@ class LeafHandler(JsonHandler):
     dice: ClassVar[FaultDice]
     # The CPU hog; None unless the cpu-starved fault is enabled.
     hog: ClassVar[Hog | None] = None
+    # The lock file every query flocks (shared) and its locker; None unless the
+    # lock-held fault is enabled.
+    lock_path: ClassVar[Path | None] = None
+    locker: ClassVar[Locker | None] = None
 
     def search(self, span: Span, q: str) -> tuple[int, Any]:
         fault = self.dice.draw()
@@ -213,7 +280,15 @@ class LeafHandler(JsonHandler):
             span.fault = "cpu-starved"
             span.hog_pid = self.hog.pid
             starving = self.hog.spinning(STARVE_MS)
-        with starving:
+        held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if fault == "lock-held" and self.locker is not None:
+            span.fault = "lock-held"
+            span.locker_pid = self.locker.pid
+            held = self.locker.holding(LOCK_HOLD_MS)
+        locking: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if self.lock_path is not None:
+            locking = shared_lock(self.lock_path)
+        with starving, held, locking:
             scores: dict[int, float] = {}
             for term in q.split():
                 postings, preads = index.lookup(term)
@@ -254,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     twin: Index | None = None
     refresher: TwinRefresher | None = None
     hog: Hog | None = None
+    lock_fd: int | None = None
+    locker: Locker | None = None
+    lock_path: Path | None = None
     try:
         if config.enabled("cpu-starved"):
             cpu = default_cpu(index.leaf_id) if args.cpu is None else args.cpu
@@ -264,15 +342,25 @@ def main(argv: list[str] | None = None) -> int:
             contents = build_twins(args.index)
             twin = Index.open(args.index, twin=True)
             refresher = TwinRefresher(args.index, contents).start()
+        if config.enabled("lock-held"):
+            lock_path = args.index / LOCK_FILE
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            locker = Locker(lock_path)
         attrs = {
             "index": index,
             "twin": twin,
             "dice": FaultDice(config, index.leaf_id),
             "hog": hog,
+            "lock_path": lock_path,
+            "locker": locker,
         }
         handler = type("BoundLeafHandler", (LeafHandler,), attrs)
         return serve(Server((args.host, args.port), handler, Journal()))
     finally:
+        if locker is not None:
+            locker.stop()
+        if lock_fd is not None:
+            os.close(lock_fd)
         if hog is not None:
             hog.stop()
         if refresher is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
@@ -29,7 +30,8 @@ from searchsvc.index import (
     shard_path,
     twin_path,
 )
-from searchsvc.leaf import STARVE_MS, default_cpu
+from searchsvc.leaf import LOCK_FILE, LOCK_HOLD_MS, STARVE_MS, default_cpu, shared_lock
+from searchsvc.locker import MAX_HOLD_MS, parse_hold
 
 SHARDS = 4
 
@@ -473,4 +475,150 @@ def test_cpu_starved_only_delays_the_journaled_queries(tmp_path: Path) -> None:
     assert min(slow.values()) >= 60, slow
     # Clearly above the rest: a concurrent query on the same leaf may share the
     # wait, but most queries never meet a spinning hog.
+    assert statistics.median(others) <= 30, sorted(others)
+
+
+def test_lock_held_is_opt_in_and_keeps_the_other_draws() -> None:
+    assert "lock-held" in FAULTS and "lock-held" not in DEFAULT_FAULTS
+    assert FAULTS.index("lock-held") == FAULTS.index("cpu-starved") + 1
+    assert not FaultConfig(rate=0.5).enabled("lock-held")
+    three = FaultConfig(rate=0.05, faults=(*DEFAULT_FAULTS, "cpu-starved"), seed=9)
+    four = FaultConfig(rate=0.05, faults=(*DEFAULT_FAULTS, "cpu-starved", "lock-held"), seed=9)
+    dice3, dice4 = FaultDice(three, 1), FaultDice(four, 1)
+    a = [dice3.draw() for _ in range(2000)]
+    b = [dice4.draw() for _ in range(2000)]
+    assert all(y == x or (x is None and y == "lock-held") for x, y in zip(a, b, strict=True))
+    assert 50 <= Counter(b)["lock-held"] <= 150
+    dice = FaultDice(FaultConfig(rate=0.05, faults=("lock-held",), seed=9), 1)
+    assert {dice.draw() for _ in range(2000)} == {None, "lock-held"}
+
+
+def test_locker_protocol(tmp_path: Path) -> None:
+    assert parse_hold("hold 80\n") == 80
+    assert parse_hold("hold 99999") == MAX_HOLD_MS
+    assert parse_hold("hold -1") is None and parse_hold("spin 5") is None
+    path = tmp_path / "sub.lock"
+    locker = subprocess.Popen(
+        [sys.executable, "-m", "searchsvc.locker", "--path", str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert locker.stdin is not None and locker.stdout is not None
+    try:
+        assert locker.stdout.readline() == "ready\n"
+        assert path.exists()
+        assert Path(f"/proc/{locker.pid}/comm").read_text() == "qt-locker\n"
+        hold_ms = 60
+        before = time.monotonic()
+        locker.stdin.write(f"bogus\nhold {hold_ms}\n")
+        locker.stdin.flush()
+        assert locker.stdout.readline().startswith("error")
+        assert locker.stdout.readline() == "locked\n"
+        # The locker took LOCK_EX before saying so and keeps it hold_ms from then.
+        with shared_lock(path):
+            waited = time.monotonic() - before
+        assert waited >= hold_ms / 1000, waited
+        assert locker.stdout.readline() == "done\n"
+        # Released: a non-blocking exclusive lock succeeds now.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        locker.stdin.close()
+        assert locker.wait(10) == 0
+    finally:
+        if locker.poll() is None:
+            locker.kill()
+        locker.wait()
+        locker.stdout.close()
+
+
+def test_locker_exits_0_on_sigterm(tmp_path: Path) -> None:
+    locker = subprocess.Popen(
+        [sys.executable, "-m", "searchsvc.locker", "--path", str(tmp_path / "l")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert locker.stdin is not None and locker.stdout is not None
+    try:
+        assert locker.stdout.readline() == "ready\n"
+        locker.terminate()
+        assert locker.wait(10) == 0
+    finally:
+        if locker.poll() is None:
+            locker.kill()
+        locker.wait()
+        locker.stdin.close()
+        locker.stdout.close()
+
+
+def test_lock_held_only_delays_the_journaled_queries(tmp_path: Path) -> None:
+    n, rate, seed = 150, 0.05, 5
+    faults = ("lock-held",)
+    queries = make_queries(n, seed=31)
+    started = time.monotonic()
+    with (
+        Cluster(tmp_path / "old", shards=SHARDS) as old,
+        Cluster(
+            tmp_path / "new", shards=SHARDS, fault_rate=rate, faults=faults, fault_seed=seed
+        ) as new,
+    ):
+        assert old.locker_pids == {} and new.hog_pids == {}
+        lockers = new.locker_pids
+        assert set(lockers) == {"leaf0", "leaf1"}
+        for role, locker in lockers.items():
+            # The locker is its own process, named qt-locker, on the leaf's lock file.
+            assert locker not in new.pids.values()
+            assert Path(f"/proc/{locker}/comm").read_text() == "qt-locker\n"
+            lock_file = tmp_path / "new" / role / LOCK_FILE
+            assert lock_file.exists()
+            assert str(lock_file) in Path(f"/proc/{locker}/cmdline").read_text().split("\0")
+        assert not (tmp_path / "old" / "leaf0" / LOCK_FILE).exists()
+
+        old_results = run_queries(old.root_url, queries, concurrency=2)
+        new_results = run_queries(new.root_url, queries, concurrency=2)
+        journals = {role: new.journal(role, settle_s=10) for role in ("leaf0", "leaf1")}
+    elapsed = time.monotonic() - started
+    assert new.returncodes == old.returncodes == {"root": 0, "leaf0": 0, "leaf1": 0}
+    assert all(_pid_gone(pid) for pid in [*lockers.values(), *new.pids.values()])
+    assert elapsed < 60, f"{n} queries took {elapsed:.1f}s"
+
+    # Only the latency changes: every answer is the old one.
+    for o, nw in zip(old_results, new_results, strict=True):
+        assert o["status"] == nw["status"] == 200, (o, nw)
+        assert _without_time(o["body"]) == _without_time(nw["body"]), nw["query_id"]
+
+    held: set[str] = set()
+    terms = {qid: len(q.split()) for qid, q in queries}
+    for leaf in range(2):
+        journal = journals[f"leaf{leaf}"]
+        assert journal["in_flight"] == 0
+        recs = journal["records"]
+        assert sorted(r["query_id"] for r in recs) == sorted(terms)
+        dice = FaultDice(FaultConfig(rate=rate, faults=faults, seed=seed), leaf)
+        expected = Counter(dice.draw() for _ in range(n))
+        assert Counter(r["fault"] for r in recs) == {
+            None: expected[None],
+            "lock-held": expected["lock-held"],
+        }
+        assert 2 <= expected["lock-held"] <= 20, expected
+        for r in recs:
+            assert r["preads"] == terms[r["query_id"]] * SHARDS
+            assert "hog_pid" not in r
+            if r["fault"] == "lock-held":
+                assert r["locker_pid"] == lockers[f"leaf{leaf}"]
+                # The handler's LOCK_SH waited for the locker's whole hold.
+                assert r["end_ns"] - r["start_ns"] >= LOCK_HOLD_MS * 10**6
+                held.add(r["query_id"])
+            else:
+                assert "locker_pid" not in r
+
+    latency_ms = {r["query_id"]: r["latency_ns"] / 1e6 for r in new_results}
+    slow = {qid: latency_ms[qid] for qid in held}
+    others = [ms for qid, ms in latency_ms.items() if qid not in held]
+    assert min(slow.values()) >= 60, slow
+    # A concurrent query on the same leaf may share the wait, but most never do.
     assert statistics.median(others) <= 30, sorted(others)
