@@ -6,7 +6,8 @@ rare faults of every class, traces the new deployment, replays queries, then exp
 every query the service journaled as faulty and a sample of normal ones. The expected
 answer per class: the top finding is on the faulty leaf, with category storage (a
 stale index file, naming the writer), other (a leaf sleeping past the root's deadline:
-not measurable as CPU, network or storage) or cpu (a SCHED_FIFO neighbour, named)."""
+not measurable as CPU, network or storage), cpu (a SCHED_FIFO neighbour, named) or lock
+(a neighbour holding the leaf's refresh lock, named)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from searchsvc.client import make_queries
 from searchsvc.cluster import Cluster
 
 QTRACE = str(Path(sys.executable).parent / "qtrace")
-EXPECTED = {"stale-index": "storage", "slow": "other", "cpu-starved": "cpu"}
+EXPECTED = {"stale-index": "storage", "slow": "other", "cpu-starved": "cpu", "lock-held": "lock"}
 
 
 def q(*args: str) -> Any:
@@ -62,7 +63,7 @@ def main() -> None:
                 Cluster(tmp / "old-a") as old_a,
                 Cluster(tmp / "old-b") as old_b,
                 Cluster(tmp / "new", fault_rate=a.fault_rate, deadline_ms=400, fault_seed=11,
-                        faults=("stale-index", "deadline", "cpu-starved")) as new,
+                        faults=("stale-index", "deadline", "cpu-starved", "lock-held")) as new,
             ):  # fmt: skip
                 targets = [x for pid in new.pids.values() for x in ("--pid", str(pid))]
                 sid = q("session", "start", *targets, "--duration", "30m",
@@ -92,7 +93,7 @@ def main() -> None:
                 for r in j["records"]:
                     if r.get("fault") in EXPECTED:
                         truth[r["query_id"]] = (r["fault"], pids[role])
-                    if r.get("fault") == "cpu-starved":
+                    if r.get("fault") in ("cpu-starved", "lock-held"):
                         spins.append(r)
             records = [r for j in journals.values() for r in j["records"]]
             collateral = {

@@ -34,7 +34,7 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> Any:
             Cluster(
                 tmp / "new",
                 fault_rate=1 / 250,
-                faults=("stale-index", "deadline", "cpu-starved"),
+                faults=("stale-index", "deadline", "cpu-starved", "lock-held"),
                 deadline_ms=400,
                 fault_seed=7,
             ) as new,
@@ -76,7 +76,7 @@ def collateral(journals: dict[str, Any]) -> set[str]:
     a hog was spinning for another query's fault: their CPU wait is real, but nobody
     injected it for them."""
     records = [r for j in journals.values() for r in j["records"]]
-    spins = [r for r in records if r.get("fault") == "cpu-starved"]
+    spins = [r for r in records if r.get("fault") in ("cpu-starved", "lock-held")]
     return {
         r["query_id"]
         for r in records
@@ -90,23 +90,28 @@ def test_injected_causes_rank_first(replayed: Any) -> None:
     causes: dict[str, tuple[str, int, int]] = {}
     for role, j in journals.items():
         for rec in j["records"]:
-            if rec.get("fault") in ("stale-index", "slow", "cpu-starved"):
-                causes[rec["query_id"]] = (rec["fault"], pids[role], rec.get("hog_pid", 0))
+            if rec.get("fault") in ("stale-index", "slow", "cpu-starved", "lock-held"):
+                neighbour = rec.get("hog_pid") or rec.get("locker_pid") or 0
+                causes[rec["query_id"]] = (rec["fault"], pids[role], neighbour)
     anomalous = {m["query_id"] for m in summary["mismatches"]}
     assert anomalous, "the faults should have produced mismatches"
     checked: Counter[str] = Counter()
-    starved = {q for q, c in causes.items() if c[0] == "cpu-starved"}
+    starved = {q for q, c in causes.items() if c[0] in ("cpu-starved", "lock-held")}
     for qid in sorted(anomalous | starved):
         if qid not in causes:
             continue  # e.g. a leaf that was slow for another reason: not injected
         fault, leaf_pid, hog_pid = causes[qid]
         x = explain(col.addr, qid)
-        if fault != "cpu-starved":  # results unchanged: flagged as latency, if at all yet
+        if fault not in ("cpu-starved", "lock-held"):  # results unchanged: latency, if at all
             assert "mismatch" in {a["type"] for a in x["anomalies"]}
         assert len(x["hops"]) == 3
         top = x["findings"][0]
         assert top["hop"]["pid"] == leaf_pid, (qid, fault, top)
-        if fault == "cpu-starved":
+        if fault == "lock-held":
+            assert top["category"] == "lock", (qid, top["summary"])
+            assert top["culprits"][0]["pid"] == hog_pid
+            assert top["culprits"][0]["comm"] == "qt-locker"
+        elif fault == "cpu-starved":
             assert top["category"] == "cpu", (qid, top["summary"])
             assert top["culprits"][0]["pid"] == hog_pid
             assert top["culprits"][0]["comm"] == "qt-hog"
@@ -121,7 +126,8 @@ def test_injected_causes_rank_first(replayed: Any) -> None:
             assert top["category"] == "other"
             assert top["culprits"] == []
         checked[fault] += 1
-    assert all(checked[f] >= 2 for f in ("stale-index", "slow", "cpu-starved")), checked
+    classes = ("stale-index", "slow", "cpu-starved", "lock-held")
+    assert all(checked[f] >= 2 for f in classes), checked
 
 
 def test_normal_queries_get_no_findings(replayed: Any) -> None:
@@ -197,7 +203,7 @@ def test_latency_outliers_become_anomalies(replayed: Any) -> None:
         r["query_id"]
         for j in journals.values()
         for r in j["records"]
-        if r.get("fault") in ("slow", "cpu-starved")
+        if r.get("fault") in ("slow", "cpu-starved", "lock-held")
     }
     assert slow, "the deadline fault should have produced slow leaves"
 
