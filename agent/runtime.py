@@ -169,8 +169,10 @@ class AgentRuntime:
                     capture=(s.capture.requests, s.capture.requests and s.capture.bodies),
                 ).start()
             except QtraceError as e:
+                # Said to the collector too: `session status` shows it, nothing is silent.
                 log.error("session %s cannot run here: %s", sid, e)
                 self._ended.add(sid)
+                self.shipper.mark(sid, final=True, error=str(e))
                 continue
             self.running[sid] = Running(s, tracer, deadline)
             self.shipper.mark(sid, final=False)

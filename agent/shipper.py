@@ -108,12 +108,12 @@ class Shipper:
                     self._cut(sid, list(buf))
                     buf.clear()
 
-    def mark(self, session_id: str, final: bool) -> None:
+    def mark(self, session_id: str, final: bool, error: str = "") -> None:
         """An empty batch that says the session started here, or (``final``) cuts what is
         open and says nothing more will come for it."""
         with self._cv:
             buf = self._open.get(session_id) or []
-            self._cut(session_id, list(buf), final=final)
+            self._cut(session_id, list(buf), final=final, error=error)
             buf.clear()
 
     def flush_all(self) -> None:
@@ -123,7 +123,13 @@ class Shipper:
                     self._cut(sid, list(buf))
                     buf.clear()
 
-    def _cut(self, session_id: str, events: list[events_pb2.Event], final: bool = False) -> None:
+    def _cut(
+        self,
+        session_id: str,
+        events: list[events_pb2.Event],
+        final: bool = False,
+        error: str = "",
+    ) -> None:
         self._seq += 1
         batch = events_pb2.EventBatch(
             agent_id=self.agent_id,
@@ -133,6 +139,7 @@ class Shipper:
             events=events,
             drops=self._drops(session_id),
             final=final,
+            error=error,
         )
         self._queue.append(batch)
         self._queued_events += len(events)

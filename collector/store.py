@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS batches (
     received_ns BIGINT NOT NULL,
     clock_offset_ns BIGINT NOT NULL,
     clock_uncertainty_ns BIGINT NOT NULL,
-    final BOOLEAN NOT NULL DEFAULT false
+    final BOOLEAN NOT NULL DEFAULT false,
+    error VARCHAR
 );
 CREATE TABLE IF NOT EXISTS events (
     node VARCHAR NOT NULL,
@@ -201,7 +202,8 @@ class Store:
     def _insert_batch_row(self, batch: events_pb2.EventBatch, received_ns: int) -> None:
         self._con.execute(
             "INSERT INTO batches (agent_id, node, session_id, seq, n_events, received_ns,"
-            " clock_offset_ns, clock_uncertainty_ns, final) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " clock_offset_ns, clock_uncertainty_ns, final, error)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 batch.agent_id,
                 batch.node,
@@ -212,6 +214,7 @@ class Store:
                 batch.clock_offset_ns,
                 batch.clock_uncertainty_ns,
                 batch.final,
+                batch.error or None,
             ],
         )
 
@@ -472,7 +475,7 @@ class Store:
         with self._lock:
             totals = self._con.execute(
                 "SELECT session_id, agent_id, arg_max(node, seq), sum(n_events), count(*),"
-                " bool_or(final)"
+                " bool_or(final), coalesce(max(error), '')"
                 f" FROM batches {where} GROUP BY ALL ORDER BY session_id, agent_id",
                 params,
             ).fetchall()
@@ -486,7 +489,7 @@ class Store:
             counter = events_pb2.DropCounter(kind=kind, **dict(zip(COUNTERS, counts, strict=True)))
             by_agent.setdefault((sid, aid), []).append(counter)
         stats = []
-        for sid, aid, node, n_events, n_batches, final in totals:
+        for sid, aid, node, n_events, n_batches, final, error in totals:
             agent_drops = by_agent.get((sid, aid), [])
             stats.append(
                 services_pb2.SessionAgentStats(
@@ -498,6 +501,7 @@ class Store:
                     drops=agent_drops,
                     dropped=sum(getattr(d, c) for d in agent_drops for c in LOSSES),
                     complete=final,
+                    error=error,
                 )
             )
         return stats

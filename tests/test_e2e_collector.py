@@ -175,6 +175,26 @@ def test_explanations_say_when_events_were_lost(tmp_path: Path) -> None:
         col.stop()
 
 
+def test_a_session_an_agent_cannot_run_is_reported(tmp_path: Path) -> None:
+    scope = cgroup2_root() / f"qtrace-gone-{os.getpid()}"
+    scope.mkdir()
+    col = Collector(tmp_path / "q.duckdb")
+    agent = Agent(col.addr, "node-a", scope)
+    try:
+        scope.rmdir()  # the agent's own subtree disappears under it
+        sid = qtrace_json("session", "start", "--pid", "1", "--collector", col.addr)["session_id"]
+        wait_for(lambda: complete(col.addr, sid, 1), 30, "the agent's verdict")
+        a = session_status(col.addr, sid)["agents"][0]
+        assert a["node"] == "node-a" and "no cgroup v2 directory" in a["error"]
+        text = qtrace("session", "status", sid, "--collector", col.addr).stdout
+        assert "failed:" in text
+    finally:
+        agent.stop()
+        col.stop()
+        if scope.exists():
+            scope.rmdir()
+
+
 def test_collector_killed_mid_run_loses_and_duplicates_nothing(
     tmp_path: Path, nodes: dict[str, Path]
 ) -> None:

@@ -150,6 +150,7 @@ def stats_to_json(a: services_pb2.SessionAgentStats) -> dict[str, Any]:
         "duplicate_batches": a.duplicates,
         "dropped": a.dropped,
         "complete": a.complete,
+        "error": a.error or None,
         "drops": drops_to_json(a.drops),
     }
 
@@ -170,13 +171,16 @@ def status(
         return
     out.print(_sessions_table([obj]))
     t = Table(title="per agent", title_justify="left")
-    for col in ("node", "agent", "events stored", "batches", "dropped"):
-        t.add_column(col, justify="right" if col not in ("node", "agent") else "left")
+    for col in ("node", "agent", "events stored", "batches", "dropped", "state"):
+        t.add_column(col, justify="right" if col not in ("node", "agent", "state") else "left")
     for a in obj["agents"]:
-        style = "red" if a["dropped"] else None
+        style = "red" if a["dropped"] or a["error"] else None
+        state = (
+            f"failed: {a['error']}" if a["error"] else "complete" if a["complete"] else "tracing"
+        )
         t.add_row(
             a["node"], a["agent_id"], str(a["events_stored"]), str(a["batches"]),
-            str(a["dropped"]), style=style,
+            str(a["dropped"]), state, style=style,
         )  # fmt: skip
     out.print(t)
 

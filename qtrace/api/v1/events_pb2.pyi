@@ -159,6 +159,7 @@ class EventBatch(_message.Message):
     CLOCK_UNCERTAINTY_NS_FIELD_NUMBER: _builtins.int
     SENT_NS_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """unique per agent process"""
     node: _builtins.str
@@ -175,6 +176,8 @@ class EventBatch(_message.Message):
     """The agent's last batch for this session (the session ended there). An agent also
     sends one empty batch when it starts tracing a session.
     """
+    error: _builtins.str
+    """Set when the agent cannot trace the session (its final batch then says why)."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]: ...
     @_builtins.property
@@ -192,10 +195,11 @@ class EventBatch(_message.Message):
         clock_uncertainty_ns: _builtins.int = ...,
         sent_ns: _builtins.int = ...,
         final: _builtins.bool = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "clock_offset_ns", b"clock_offset_ns", "clock_uncertainty_ns", b"clock_uncertainty_ns", "drops", b"drops", "events", b"events", "final", b"final", "node", b"node", "sent_ns", b"sent_ns", "seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "clock_offset_ns", b"clock_offset_ns", "clock_uncertainty_ns", b"clock_uncertainty_ns", "drops", b"drops", "error", b"error", "events", b"events", "final", b"final", "node", b"node", "sent_ns", b"sent_ns", "seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -166,6 +166,7 @@ class SessionAgentStats(_message.Message):
     DROPS_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     agent_id: _builtins.str
     node: _builtins.str
@@ -176,6 +177,8 @@ class SessionAgentStats(_message.Message):
     """sum of every loss in drops"""
     complete: _builtins.bool
     """the agent sent its final batch: nothing more will come"""
+    error: _builtins.str
+    """why the agent could not trace the session, if it could not"""
     @_builtins.property
     def drops(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.DropCounter]: ...
     def __init__(
@@ -190,10 +193,11 @@ class SessionAgentStats(_message.Message):
         drops: _abc.Iterable[_events_pb2.DropCounter] | None = ...,
         dropped: _builtins.int = ...,
         complete: _builtins.bool = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "batches", b"batches", "complete", b"complete", "dropped", b"dropped", "drops", b"drops", "duplicates", b"duplicates", "events_stored", b"events_stored", "node", b"node", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "batches", b"batches", "complete", b"complete", "dropped", b"dropped", "drops", b"drops", "duplicates", b"duplicates", "error", b"error", "events_stored", b"events_stored", "node", b"node", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
