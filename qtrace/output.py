@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import sys
+import threading
 from enum import StrEnum
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -28,6 +32,24 @@ CollectorOpt = Annotated[
 ]
 DEFAULT_FORMAT = Format.text
 DEFAULT_ADDR = DEFAULT_COLLECTOR
+
+
+def log_to_stderr(verbose: bool) -> None:
+    """Long-running commands (collector, agent) log here; -v shows what they do."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM ask for a clean stop (Python as PID 1 ignores SIGTERM)."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def fail(e: QtraceError) -> None:

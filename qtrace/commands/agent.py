@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import signal
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -14,17 +11,18 @@ from rich.table import Table
 
 from qtrace.client import parse_addr
 from qtrace.errors import QtraceError
-from qtrace.output import DEFAULT_ADDR, CollectorOpt, Format, emit_json, err, fail
+from qtrace.output import (
+    DEFAULT_ADDR,
+    CollectorOpt,
+    Format,
+    emit_json,
+    err,
+    fail,
+    log_to_stderr,
+    stop_on_signals,
+)
 
 app = typer.Typer(help="Node agent: trace processes on this machine.", no_args_is_help=True)
-
-
-def _on_stop_signals(stop: Any) -> None:
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
 
 
 @app.command("trace")
@@ -102,7 +100,7 @@ def _agent_trace(
         spec, sink, extractor, ProbeConfig(ring_pages=ring_pages, capture_bytes=capture_bytes)
     )
 
-    _on_stop_signals(tracer.stop_event)
+    stop_on_signals(tracer.stop_event)
     with tracer:
         err.print(
             f"[green]tracing[/] {len(tracer.stats()['targets'])} process(es) "
@@ -162,10 +160,7 @@ def agent_run(
     from agent.runtime import AgentRuntime, default_node
     from agent.targets import TargetSpec
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    log_to_stderr(verbose)
     try:
         parse_addr(collector)
         preflight.check()
@@ -178,7 +173,7 @@ def agent_run(
         )
     except QtraceError as e:
         fail(e)
-    _on_stop_signals(runtime.stop_event)
+    stop_on_signals(runtime.stop_event)
     err.print(
         f"[green]agent[/] {runtime.agent_id} (node {runtime.node}) -> collector {collector}",
         highlight=False,

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-import signal
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
 
 from qtrace.client import parse_addr
 from qtrace.errors import QtraceError
-from qtrace.output import err, fail
+from qtrace.output import err, fail, log_to_stderr, stop_on_signals
 
 app = typer.Typer(help="The collector: sessions, ingest, store, reads.", no_args_is_help=True)
 
@@ -31,10 +28,7 @@ def collector_run(
 
     from collector.server import serve
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    log_to_stderr(verbose)
     try:
         parse_addr(listen, listening=True)
         if not db.parent.is_dir():
@@ -51,12 +45,7 @@ def collector_run(
     except QtraceError as e:
         fail(e)
     stop = threading.Event()
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    stop_on_signals(stop)
     host = listen.rpartition(":")[0]
     err.print(f"[green]collector[/] listening on {host}:{port}, store {db}", highlight=False)
     stop.wait()
