@@ -27,9 +27,7 @@ CREATE TABLE IF NOT EXISTS batches (
     n_events UINTEGER NOT NULL,
     received_ns BIGINT NOT NULL,
     clock_offset_ns BIGINT NOT NULL,
-    clock_uncertainty_ns BIGINT NOT NULL,
-    final BOOLEAN NOT NULL DEFAULT false,
-    error VARCHAR
+    clock_uncertainty_ns BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     node VARCHAR NOT NULL,
@@ -51,8 +49,7 @@ CREATE TABLE IF NOT EXISTS events (
     grp VARCHAR NOT NULL,
     cgroup_id UBIGINT NOT NULL,
     mono_ns UBIGINT NOT NULL,
-    detail VARCHAR,
-    request BLOB
+    detail VARCHAR
 );
 CREATE INDEX IF NOT EXISTS events_query_id ON events (query_id);
 CREATE TABLE IF NOT EXISTS drops (
@@ -81,6 +78,11 @@ CREATE TABLE IF NOT EXISTS anomalies (
     received_ns BIGINT NOT NULL,
     pb BLOB NOT NULL
 );
+-- Columns added after the first release: a file made by an older collector gains them
+-- when it is opened, instead of failing every read that names them.
+ALTER TABLE batches ADD COLUMN IF NOT EXISTS final BOOLEAN DEFAULT false;
+ALTER TABLE batches ADD COLUMN IF NOT EXISTS error VARCHAR;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS request BLOB;
 """
 
 EVENT_SCHEMA = pa.schema(
@@ -396,13 +398,6 @@ class Store:
                 [node, kind, end_ns, start_ns, limit],
             ).fetchall()
         return [node_event(r) for r in rows]
-
-    def session_of(self, query_id: str) -> str | None:
-        with self._lock:
-            row = self._con.execute(
-                "SELECT session_id FROM events WHERE query_id = ? LIMIT 1", [query_id]
-            ).fetchone()
-        return row[0] if row else None
 
     def clock_uncertainty(self, session_id: str) -> int:
         with self._lock:

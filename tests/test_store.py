@@ -332,3 +332,23 @@ def test_batches_survive_sigkill_whole(tmp_path: Path) -> None:
             " GROUP BY b.seq, b.n_events HAVING count(e.seq) <> b.n_events"
         ).fetchall()
     assert torn == []
+
+
+def test_a_file_from_an_older_collector_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    # The first release's batches and events, before final/error/request existed.
+    con.execute(
+        "CREATE TABLE batches (agent_id VARCHAR NOT NULL, node VARCHAR NOT NULL,"
+        " session_id VARCHAR NOT NULL, seq UBIGINT NOT NULL, n_events UINTEGER NOT NULL,"
+        " received_ns BIGINT NOT NULL, clock_offset_ns BIGINT NOT NULL,"
+        " clock_uncertainty_ns BIGINT NOT NULL)"
+    )
+    con.execute("INSERT INTO batches VALUES ('a0', 'n', 's1', 1, 0, 1, 0, 0)")
+    con.close()
+    with Store(path) as s:
+        assert s.ingest(batch(2, [event(ts_ns=5)], agent_id="a0"), 9) == (1, False)
+        (stats,) = s.session_stats("s1")
+        assert (stats.batches, stats.events_stored, stats.complete, stats.error) == (
+            2, 1, False, ""
+        )  # fmt: skip
