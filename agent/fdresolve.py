@@ -26,7 +26,6 @@ AT_FDCWD = -100
 class FdEntry:
     fdtype: int
     target: str | None
-    inode: int = 0
     created_ns: int = 0  # kernel time the fd came to be (0: found in /proc)
 
 
@@ -108,13 +107,13 @@ class FdResolver:
         if stat.S_ISSOCK(st.st_mode):
             info = self._sock(pid, st.st_ino)
             if info is None:
-                return FdEntry(abi.FD_SOCK, None, st.st_ino)
+                return FdEntry(abi.FD_SOCK, None)
             table = self._table(pid)
             inbound = table is not None and info.local_port in table.listen_ports
-            return FdEntry(abi.FD_SOCK_IN if inbound else abi.FD_SOCK_OUT, info.target, st.st_ino)
+            return FdEntry(abi.FD_SOCK_IN if inbound else abi.FD_SOCK_OUT, info.target)
         if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            return FdEntry(abi.FD_FILE, link, st.st_ino)
-        return FdEntry(abi.FD_OTHER, link, st.st_ino)
+            return FdEntry(abi.FD_FILE, link)
+        return FdEntry(abi.FD_OTHER, link)
 
     def lookup(self, pid: int, fd: int, fdtype: int) -> FdEntry | None:
         key = (pid, fd)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -122,9 +121,6 @@ class Probes:
         with contextlib.suppress(KeyError):
             del self._tgids[ctypes.c_uint32(tgid)]
 
-    def traced_tgids(self) -> set[int]:
-        return {k.value for k in self._tgids}
-
     def add_cgroup(self, cgroup_id: int) -> None:
         self._cgroups[ctypes.c_uint64(cgroup_id)] = ctypes.c_uint8(1)
 
@@ -190,6 +186,3 @@ class Probes:
         if not self._closed:
             self._closed = True
             self._bpf.cleanup()
-
-
-ProbeFactory = Callable[[ProbeConfig], Probes]

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from qtrace.demo import start
 from searchsvc.client import make_queries
 from searchsvc.cluster import Cluster
 
@@ -35,15 +36,6 @@ def q(*args: str) -> Any:
     if r.returncode:
         raise SystemExit(r.stderr)
     return json.loads(r.stdout)
-
-
-def start(args: list[str], ready: str) -> tuple[subprocess.Popen[str], str]:
-    p = subprocess.Popen([QTRACE, *args], stderr=subprocess.PIPE, text=True)
-    assert p.stderr is not None
-    line = p.stderr.readline()
-    if ready not in line:
-        raise SystemExit(line + p.stderr.read())
-    return p, line
 
 
 def main() -> None:

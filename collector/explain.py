@@ -27,6 +27,7 @@ CATEGORY = {
 MIN_BASELINE = 20  # fewer normal queries than this: no percentiles, no findings by excess
 MIN_EXCESS_NS = 1_000_000  # below a millisecond, an excess is not worth a person's time
 THRESHOLD = 0.2  # a finding must explain at least this share of the query's time
+BASELINE_HOPS = 5000  # the latest normal hops of each kind make its baseline
 
 
 class NotFound(LookupError):
@@ -48,6 +49,17 @@ def _breakdown(h: dict[str, Any]) -> dict[str, int | None]:
     for k in UNMEASURED:
         b[k] = None
     return b
+
+
+def _baseline(normal: list[dict[str, Any]]) -> dict[str, Any]:
+    """Percentiles of a kind of hop's normal queries, per breakdown field."""
+    base: dict[str, Any] = {"queries": len(normal)}
+    for cat in (*MEASURED, "other"):
+        vals = [int(v) for v in (_breakdown(b)[cat] for b in normal) if v is not None]
+        base[cat] = {"p50": _pct(vals, 50), "p90": _pct(vals, 90), "p99": _pct(vals, 99)}
+    durations = [b["end_ns"] - b["start_ns"] for b in normal]
+    base["duration"] = {"p50": _pct(durations, 50), "p99": _pct(durations, 99)}
+    return base
 
 
 def _event(ne: services_pb2.NodeEvent) -> dict[str, Any]:
@@ -100,6 +112,14 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
     query_start = min(h["start_ns"] for h in hops)
     query_end = max(h["end_ns"] for h in hops)
     query_total = max(1, query_end - query_start)
+    # The session's normal hops, by kind of hop (node, comm): one pass over the store
+    # whatever the number of hops of this query.
+    by_kind: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for b in store.hops(session_id, None, None, limit=BASELINE_HOPS * 20):
+        if b["query_id"] not in anomalous and len(by_kind[(b["node"], b["comm"])]) < BASELINE_HOPS:
+            by_kind[(b["node"], b["comm"])].append(b)
+    baselines: dict[tuple[str, str], dict[str, Any]] = {}
+    seen_targets: dict[tuple[str, str], set[str]] = {}
 
     for h in sorted(hops, key=lambda h: h["start_ns"]):
         breakdown = _breakdown(h)
@@ -115,22 +135,17 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
             "breakdown_ns": breakdown,
         }
         out["hops"].append(hop)
-        normal = [
-            b
-            for b in store.hops(session_id, h["node"], h["comm"])
-            if b["query_id"] not in anomalous
-        ]
-        key = f"{h['node']}/{h['comm']}"
-        base: dict[str, Any] = {"queries": len(normal)}
-        for cat in (*MEASURED, "other"):
-            vals = [int(v) for v in (_breakdown(b)[cat] for b in normal) if v is not None]
-            base[cat] = {"p50": _pct(vals, 50), "p90": _pct(vals, 90), "p99": _pct(vals, 99)}
-        durations = [b["end_ns"] - b["start_ns"] for b in normal]
-        base["duration"] = {"p50": _pct(durations, 50), "p99": _pct(durations, 99)}
-        out["baseline"][key] = base
+        kind = (h["node"], h["comm"])
+        if kind not in baselines:
+            baselines[kind] = _baseline(by_kind.get(kind, []))
+            seen_targets[kind] = store.targets_seen(
+                session_id, h["node"], h["comm"], sorted(anomalous)
+            )
+        base = baselines[kind]
+        out["baseline"][f"{h['node']}/{h['comm']}"] = base
         hop_events = by_hop[(h["node"], h["pid"])]
         query_tids = {ne.event.tid for ne in hop_events}
-        if len(normal) >= MIN_BASELINE:
+        if base["queries"] >= MIN_BASELINE:
             for cat in (*MEASURED, "other"):
                 value = breakdown[cat] or 0
                 excess = value - max(base[cat]["p99"], base[cat]["p50"])
@@ -140,12 +155,13 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
                     _excess_finding(store, query_id, hop, cat, value, base[cat], excess,
                                     query_total, hop_events, query_tids)
                 )  # fmt: skip
-        seen = store.targets_seen(session_id, h["node"], h["comm"], sorted(anomalous))
         unusual = sorted(
-            {ne.event.target for ne in hop_events if ne.event.has_target} - seen - {""}
+            {ne.event.target for ne in hop_events if ne.event.has_target}
+            - seen_targets[kind]
+            - {""}
         )
         files = [t for t in unusual if t.startswith("/")]
-        if files and len(normal) >= MIN_BASELINE:
+        if files and base["queries"] >= MIN_BASELINE:
             out["findings"].append(
                 _unusual_files(store, query_id, hop, files, hop_events, query_tids)
             )

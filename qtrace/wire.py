@@ -105,6 +105,21 @@ def session_to_json(s: sessions_pb2.Session) -> dict[str, Any]:
     }
 
 
+def stats_to_json(a: services_pb2.SessionAgentStats) -> dict[str, Any]:
+    return {
+        "session_id": a.session_id,
+        "agent_id": a.agent_id,
+        "node": a.node,
+        "events_stored": a.events_stored,
+        "batches": a.batches,
+        "duplicate_batches": a.duplicates,
+        "dropped": a.dropped,
+        "complete": a.complete,
+        "error": a.error or None,
+        "drops": drops_to_json(a.drops),
+    }
+
+
 def drops_to_json(drops: Any) -> dict[str, dict[str, int]]:
     return {
         d.kind: {

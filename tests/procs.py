@@ -41,6 +41,22 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
+def session_status(addr: str, sid: str) -> dict[str, Any]:
+    status: dict[str, Any] = qtrace_json("session", "status", sid, "--collector", addr)
+    return status
+
+
+def joined(addr: str, sid: str, n: int = 1) -> bool:
+    """At least n agents have attached the session's probes (they announce it)."""
+    return len(session_status(addr, sid)["agents"]) >= n
+
+
+def complete(addr: str, sid: str, n: int = 1) -> bool:
+    """At least n agents sent their final batch for the session: all their data is in."""
+    agents = session_status(addr, sid)["agents"]
+    return len(agents) >= n and all(a["complete"] for a in agents)
+
+
 class Proc:
     def __init__(self, args: list[str], ready: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from searchsvc.client import make_queries
 from searchsvc.cluster import Cluster
 from tests.httpstub import http_stub, json_answer
-from tests.procs import QTRACE, Agent, Collector, qtrace, qtrace_json, wait_for
+from tests.procs import QTRACE, Agent, Collector, complete, joined, qtrace, qtrace_json, wait_for
 
 
 @dataclass
@@ -34,15 +34,6 @@ def send(url: str, method: str, path: str, headers: dict[str, str], body: bytes 
         return resp.status
     finally:
         conn.close()
-
-
-def joined(addr: str, sid: str) -> bool:
-    return bool(qtrace_json("session", "status", sid, "--collector", addr)["agents"])
-
-
-def complete(addr: str, sid: str) -> bool:
-    agents = qtrace_json("session", "status", sid, "--collector", addr)["agents"]
-    return bool(agents) and all(a["complete"] for a in agents)
 
 
 def test_capture_reproduces_requests(tmp_path: Path) -> None:

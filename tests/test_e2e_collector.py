@@ -7,7 +7,6 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pytest
@@ -16,7 +15,17 @@ from agent.targets import cgroup2_root
 from searchsvc.client import make_queries, run_queries
 from searchsvc.cluster import Cluster
 from tests.conftest import qtrace_programs
-from tests.procs import Agent, Collector, move_to_cgroup, qtrace, qtrace_json, wait_for
+from tests.procs import (
+    Agent,
+    Collector,
+    complete,
+    joined,
+    move_to_cgroup,
+    qtrace,
+    qtrace_json,
+    session_status,
+    wait_for,
+)
 from tests.test_targets import workload
 
 
@@ -34,20 +43,6 @@ def nodes() -> Iterator[dict[str, Path]]:
                 move_to_cgroup(int(pid), cgroup2_root())
         cg.rmdir()
     base.rmdir()
-
-
-def session_status(addr: str, sid: str) -> dict[str, Any]:
-    status: dict[str, Any] = qtrace_json("session", "status", sid, "--collector", addr)
-    return status
-
-
-def joined(addr: str, sid: str, n: int) -> bool:
-    return len(session_status(addr, sid)["agents"]) >= n
-
-
-def complete(addr: str, sid: str, n: int) -> bool:
-    agents = session_status(addr, sid)["agents"]
-    return len(agents) >= n and all(a["complete"] for a in agents)
 
 
 def test_two_nodes_one_session(tmp_path: Path, nodes: dict[str, Path]) -> None:

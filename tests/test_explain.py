@@ -13,12 +13,7 @@ import pytest
 from qtrace.timeline import perfetto, render_html
 from searchsvc.client import make_queries
 from searchsvc.cluster import Cluster
-from tests.procs import QTRACE, Agent, Collector, qtrace, qtrace_json, wait_for
-
-
-def complete(addr: str, sid: str) -> bool:
-    agents = qtrace_json("session", "status", sid, "--collector", addr)["agents"]
-    return bool(agents) and all(a["complete"] for a in agents)
+from tests.procs import QTRACE, Agent, Collector, complete, qtrace, qtrace_json, wait_for
 
 
 @pytest.fixture(scope="module")

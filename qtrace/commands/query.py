@@ -10,7 +10,6 @@ from rich.table import Table
 
 from qtrace.api.v1 import services_pb2
 from qtrace.client import control
-from qtrace.commands.session import stats_to_json
 from qtrace.errors import QtraceError
 from qtrace.output import (
     DEFAULT_ADDR,
@@ -23,7 +22,7 @@ from qtrace.output import (
     ns_ago,
     out,
 )
-from qtrace.wire import node_event_to_json
+from qtrace.wire import node_event_to_json, stats_to_json
 
 app = typer.Typer(help="Read what the collector knows about queries.", no_args_is_help=True)
 

@@ -21,7 +21,7 @@ from qtrace.output import (
     fail,
     out,
 )
-from qtrace.wire import drops_to_json, session_to_json
+from qtrace.wire import session_to_json, stats_to_json
 
 app = typer.Typer(help="Trace sessions: what to trace, for how long.", no_args_is_help=True)
 
@@ -138,21 +138,6 @@ def list_(
         emit_json({"sessions": sessions})
     else:
         out.print(_sessions_table(sessions))
-
-
-def stats_to_json(a: services_pb2.SessionAgentStats) -> dict[str, Any]:
-    return {
-        "session_id": a.session_id,
-        "agent_id": a.agent_id,
-        "node": a.node,
-        "events_stored": a.events_stored,
-        "batches": a.batches,
-        "duplicate_batches": a.duplicates,
-        "dropped": a.dropped,
-        "complete": a.complete,
-        "error": a.error or None,
-        "drops": drops_to_json(a.drops),
-    }
 
 
 @app.command("status")
