@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 from qtrace.errors import QtraceError
+from qtrace.queryid import query_id_from_bytes
 
 DEFAULT_HEADER = "X-Query-Id"
-MAX_ID_LEN = 256
 
 
 class QueryIdExtractor:
@@ -41,7 +41,7 @@ class QueryIdExtractor:
         return cls(pattern.encode(), f"regex {pattern}")
 
     def extract(self, data: bytes) -> str | None:
+        """The id, or None; an id that is not valid (``qtrace.queryid``: not UTF-8, too
+        long, or with control characters) is none, never a truncated or mangled one."""
         m = self._re.search(data)
-        if not m or not m.group(1):
-            return None
-        return m.group(1)[:MAX_ID_LEN].decode("utf-8", "replace")
+        return query_id_from_bytes(m.group(1)) if m and m.group(1) else None
