@@ -24,16 +24,23 @@ from agent.targets import TargetSpec
 from agent.tracer import Tracer
 from qtrace.api.v1 import events_pb2, services_pb2_grpc, sessions_pb2
 from qtrace.errors import QtraceError
+from qtrace.redact import Redactor
 
 log = logging.getLogger("qtrace.agent")
 
 
 class SessionSink:
-    def __init__(self, session_id: str, shipper: Shipper) -> None:
+    def __init__(self, session_id: str, shipper: Shipper, redactor: Redactor | None = None) -> None:
         self.session_id = session_id
         self._shipper = shipper
+        self._redactor = redactor or None
 
     def write(self, events: Sequence[Event]) -> None:
+        if self._redactor is not None:
+            # The last stop on the node: captured bytes are masked before they are queued.
+            for e in events:
+                if e.request:
+                    e.request = self._redactor.request(e.request)
         self._shipper.add(self.session_id, events)
 
     def close(self) -> None:
@@ -162,7 +169,7 @@ class AgentRuntime:
             try:
                 tracer = Tracer(
                     spec_for(s, self.scope),
-                    SessionSink(sid, self.shipper),
+                    SessionSink(sid, self.shipper, Redactor.from_pb(s.capture.redact)),
                     extractor_for(s),
                     probe_config_for(s, self.ring_pages),
                     strict=False,

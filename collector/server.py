@@ -26,6 +26,8 @@ from qtrace.api.v1 import (
     services_pb2_grpc,
     sessions_pb2,
 )
+from qtrace.queryid import PROBLEM as QUERY_ID_PROBLEM
+from qtrace.queryid import is_valid_query_id
 
 log = logging.getLogger("qtrace.collector")
 
@@ -67,7 +69,10 @@ def validate_batch(b: events_pb2.EventBatch) -> None:
             raise BadBatch(f"{where}: event {i}: ts_ns must be positive")
         if e.dur_ns < 0:
             raise BadBatch(f"{where}: event {i}: dur_ns is negative")
-        if max(len(e.target), len(e.query_id), len(e.detail_json)) > MAX_FIELD_BYTES:
+        if (
+            max(len(e.target), len(e.query_id), len(e.detail_json), len(e.request))
+            > MAX_FIELD_BYTES
+        ):
             raise BadBatch(f"{where}: event {i}: a field exceeds {MAX_FIELD_BYTES} bytes")
         if e.detail_json:
             try:
@@ -78,8 +83,8 @@ def validate_batch(b: events_pb2.EventBatch) -> None:
 
 
 def validate_anomaly(a: anomalies_pb2.Anomaly) -> str | None:
-    if not a.query_id or len(a.query_id) > 256:
-        return "query_id must be 1-256 characters"
+    if not is_valid_query_id(a.query_id):
+        return f"query_id: {QUERY_ID_PROBLEM}"
     if a.type == anomalies_pb2.ANOMALY_TYPE_UNSPECIFIED:
         return "type must be mismatch, latency or error"
     if len(a.detail_json) > MAX_FIELD_BYTES:
@@ -148,11 +153,16 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             )
         try:
             validate_batch(b)
-            self.sessions.get(b.session_id)
+            session = self.sessions.get(b.session_id)
         except BadBatch as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except UnknownSession as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        if not session.capture.requests:
+            # Request bytes are stored only for sessions that asked for them, whatever an
+            # agent sends.
+            for ev in b.events:
+                ev.ClearField("request")
         with self._store_lock:
             stored, duplicate = self.store.ingest(b, received)
         if duplicate:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 
 from qtrace.api.v1 import services_pb2, sessions_pb2
+from qtrace.redact import RedactionError, Redactor
 
 MAX_DURATION_NS = 24 * 3600 * 10**9
 DEFAULT_DURATION_NS = 10 * 60 * 10**9
@@ -55,6 +56,12 @@ def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
         raise SessionError("capturing bodies needs capturing requests (--capture-requests)")
     if cap.max_bytes and (not 16 <= cap.max_bytes <= 4096 or cap.max_bytes & (cap.max_bytes - 1)):
         raise SessionError("capture bytes must be a power of two from 16 to 4096")
+    try:
+        redactor = Redactor.from_pb(cap.redact)
+    except RedactionError as e:
+        raise SessionError(str(e)) from e
+    if redactor and not cap.requests:
+        raise SessionError("redaction rules apply to captured requests: add --capture-requests")
     ex = req.extractor
     if ex.WhichOneof("how") == "regex":
         try:

@@ -13,12 +13,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from qtrace.client import DEFAULT_COLLECTOR
 from qtrace.errors import QtraceError
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# No emoji codes: ":smile:" in a query id or a path is text, not a picture.
+err = Console(stderr=True, soft_wrap=True, emoji=False)
+out = Console(soft_wrap=True, emoji=False)
 
 
 class Format(StrEnum):
@@ -29,6 +31,14 @@ class Format(StrEnum):
 FormatOpt = Annotated[Format, typer.Option("--format", help="Output format.")]
 CollectorOpt = Annotated[
     str, typer.Option("--collector", help="Collector address HOST:PORT.", envvar="QTRACE_COLLECTOR")
+]
+RedactHeaderOpt = Annotated[
+    list[str] | None,
+    typer.Option("--redact-header", help="Mask this header's value in captured requests."),
+]
+RedactOpt = Annotated[
+    list[str] | None,
+    typer.Option("--redact", help="Mask every match of this regex in captured requests."),
 ]
 DEFAULT_FORMAT = Format.text
 DEFAULT_ADDR = DEFAULT_COLLECTOR
@@ -52,8 +62,24 @@ def stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def printable(value: object) -> str:
+    """Text from outside (traced processes, agents, query logs, users) as a terminal should
+    show it: control and format characters become visible escapes, so none can move the
+    cursor, recolour the screen or reorder what follows. Print it with markup=False."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def shown(value: object) -> str:
+    """``printable`` for text printed with markup on (or in a table title): rich markup in
+    it shows literally instead of styling the output."""
+    return escape(printable(value))
+
+
 def fail(e: QtraceError) -> None:
-    err.print(f"[bold red]qtrace:[/] {e}", markup=True, highlight=False)
+    err.print(f"[bold red]qtrace:[/] {shown(e)}", markup=True, highlight=False)
     raise typer.Exit(e.exit_code)
 
 

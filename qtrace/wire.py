@@ -101,6 +101,10 @@ def session_to_json(s: sessions_pb2.Session) -> dict[str, Any]:
             "requests": s.capture.requests,
             "bodies": s.capture.bodies,
             "max_bytes": s.capture.max_bytes,
+            "redact": {
+                "headers": list(s.capture.redact.headers),
+                "regexes": list(s.capture.redact.regexes),
+            },
         },
     }
 

@@ -19,6 +19,7 @@ from qtrace.output import (
     err,
     fail,
     log_to_stderr,
+    shown,
     stop_on_signals,
 )
 
@@ -104,7 +105,7 @@ def _agent_trace(
     with tracer:
         err.print(
             f"[green]tracing[/] {len(tracer.stats()['targets'])} process(es) "
-            f"-> {out} ({extractor.description}); Ctrl-C to stop",
+            f"-> {shown(out)} ({shown(extractor.description)}); Ctrl-C to stop",
             highlight=False,
         )
         tracer.run(duration)
@@ -175,7 +176,8 @@ def agent_run(
         fail(e)
     stop_on_signals(runtime.stop_event)
     err.print(
-        f"[green]agent[/] {runtime.agent_id} (node {runtime.node}) -> collector {collector}",
+        f"[green]agent[/] {shown(runtime.agent_id)} (node {shown(runtime.node)}) "
+        f"-> collector {shown(collector)}",
         highlight=False,
     )
     runtime.run()

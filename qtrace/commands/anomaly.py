@@ -22,6 +22,8 @@ from qtrace.output import (
     err,
     fail,
     out,
+    printable,
+    shown,
 )
 from qtrace.wire import anomaly_from_json, anomaly_to_json
 
@@ -58,7 +60,7 @@ def report(
     if fmt is Format.json:
         emit_json({"accepted": 1})
     else:
-        out.print(f"reported {type_} for {query_id}", markup=False)
+        out.print(printable(f"reported {type_} for {query_id}"), markup=False)
 
 
 @app.command("import")
@@ -94,7 +96,9 @@ def import_(
         emit_json({"accepted": accepted, "skipped": bad})
         return
     for b in bad:
-        err.print(f"[yellow]{file}:{b['line']}:[/] skipped: {b['error']}", highlight=False)
+        err.print(
+            f"[yellow]{shown(file)}:{b['line']}:[/] skipped: {shown(b['error'])}", highlight=False
+        )
     out.print(f"imported {accepted} anomalies, skipped {len(bad)} lines", highlight=False)
 
 
@@ -121,7 +125,7 @@ def anomalies(
     for a in found:
         d = json.dumps(a["detail"]) if a["detail"] is not None else ""
         t.add_row(
-            a["query_id"], a["type"], a["source"], a["session_id"] or "",
-            d if len(d) < 80 else d[:77] + "...",
+            printable(a["query_id"]), a["type"], printable(a["source"]),
+            printable(a["session_id"] or ""), printable(d if len(d) < 80 else d[:77] + "..."),
         )  # fmt: skip
     out.print(t, markup=False)

@@ -18,10 +18,14 @@ from qtrace.output import (
     CollectorOpt,
     Format,
     FormatOpt,
+    RedactHeaderOpt,
+    RedactOpt,
     emit_json,
     fail,
     out,
+    printable,
 )
+from qtrace.redact import Redactor
 
 # Set by the client on every request, or carried as the line's `id`.
 _DROPPED = {"host", "content-length", "connection", "transfer-encoding"}
@@ -65,12 +69,18 @@ def capture(
     session: Annotated[str, typer.Option("--session", help="A session started with capture.")],
     out_file: Annotated[Path, typer.Option("--out", help="Query log to write (JSON lines).")],
     query_id_header: Annotated[str, typer.Option(help="Header carrying the id.")] = "X-Query-Id",
+    redact_header: RedactHeaderOpt = None,
+    redact: RedactOpt = None,
     collector: CollectorOpt = DEFAULT_ADDR,
     fmt: FormatOpt = DEFAULT_FORMAT,
 ) -> None:
-    """Write the requests a capture session saw as a log `qtrace replay` can read."""
+    """Write the requests a capture session saw as a log `qtrace replay` can read.
+
+    --redact and --redact-header mask more in the log, on top of what the session's own
+    rules masked on the node before the requests left it."""
     written = skipped = 0
     try:
+        redactor = Redactor(redact_header or [], redact or [])
         target = parse_addr(collector)
         if not out_file.parent.is_dir():
             raise QtraceError(f"cannot write {out_file}: {out_file.parent} is not a directory")
@@ -80,7 +90,7 @@ def capture(
             with out_file.open("w", encoding="utf-8") as f:
                 req = services_pb2.ListRequestsRequest(session_id=session)
                 for r in stub.ListRequests(req, timeout=300):
-                    entry = parse_http(r.request, query_id_header)
+                    entry = parse_http(redactor.request(r.request), query_id_header)
                     if entry is None:
                         skipped += 1
                         continue
@@ -95,4 +105,7 @@ def capture(
     if fmt is Format.json:
         emit_json({"written": written, "skipped": skipped, "out": str(out_file)})
     else:
-        out.print(f"{written} requests written to {out_file} ({skipped} not HTTP)", markup=False)
+        out.print(
+            printable(f"{written} requests written to {out_file} ({skipped} not HTTP)"),
+            markup=False,
+        )

@@ -10,7 +10,7 @@ import typer
 
 from qtrace.client import parse_addr
 from qtrace.errors import QtraceError
-from qtrace.output import err, fail, log_to_stderr, stop_on_signals
+from qtrace.output import err, fail, log_to_stderr, shown, stop_on_signals
 
 app = typer.Typer(help="The collector: sessions, ingest, store, reads.", no_args_is_help=True)
 
@@ -47,7 +47,9 @@ def collector_run(
     stop = threading.Event()
     stop_on_signals(stop)
     host = listen.rpartition(":")[0]
-    err.print(f"[green]collector[/] listening on {host}:{port}, store {db}", highlight=False)
+    err.print(
+        f"[green]collector[/] listening on {shown(host)}:{port}, store {shown(db)}", highlight=False
+    )
     stop.wait()
     collector.stop()
     server.stop(grace=2.0).wait()

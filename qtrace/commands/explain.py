@@ -13,7 +13,7 @@ from rich.table import Table
 from qtrace.api.v1 import services_pb2
 from qtrace.client import control
 from qtrace.errors import QtraceError
-from qtrace.output import DEFAULT_ADDR, CollectorOpt, emit_json, fail, out
+from qtrace.output import DEFAULT_ADDR, CollectorOpt, emit_json, fail, out, printable, shown
 from qtrace.timeline import perfetto, render_html
 from qtrace.wire import node_event_to_json
 
@@ -61,7 +61,7 @@ def explain(
         page = render_html(explanation, events)
         target = output or Path(f"qtrace-{safe_name(query_id)}.html")
         target.write_text(page, encoding="utf-8")
-        out.print(f"wrote {target}", markup=False)
+        out.print(f"wrote {printable(target)}", markup=False)
         return
     print_text(explanation)
 
@@ -72,7 +72,9 @@ def safe_name(query_id: str) -> str:
 
 def print_text(x: dict[str, Any]) -> None:
     anomalies = ", ".join(a["type"] for a in x["anomalies"]) or "none reported"
-    out.print(f"query {x['query_id']}  (anomalies: {anomalies})", markup=False, highlight=False)
+    out.print(
+        printable(f"query {x['query_id']}  (anomalies: {anomalies})"), markup=False, highlight=False
+    )
     t = Table(title="hops", title_justify="left")
     cols = ["node", "process", "total ms", "network", "storage", "block io", "other"]
     for c in cols:
@@ -80,26 +82,29 @@ def print_text(x: dict[str, Any]) -> None:
     for h in x["hops"]:
         b = h["breakdown_ns"]
         t.add_row(
-            h["node"], f"{h['comm']} {h['pid']}", f"{(h['end_ns'] - h['start_ns']) / 1e6:.2f}",
+            printable(h["node"]), printable(f"{h['comm']} {h['pid']}"),
+            f"{(h['end_ns'] - h['start_ns']) / 1e6:.2f}",
             *(f"{(b[k] or 0) / 1e6:.2f}" for k in ("network", "storage", "block_io", "other")),
         )  # fmt: skip
     out.print(t, markup=False)
     if not x["findings"]:
         out.print("no finding above the threshold: this query looks like its peers")
     for i, f in enumerate(x["findings"], 1):
-        out.print(f"[bold]{i}. {f['category']}[/] (score {f['score']})", highlight=False)
-        out.print(f"   {f['summary']}", markup=False, highlight=False)
+        out.print(f"[bold]{i}. {shown(f['category'])}[/] (score {f['score']})", highlight=False)
+        out.print(f"   {printable(f['summary'])}", markup=False, highlight=False)
         for c in f["culprits"][:3]:
             out.print(
-                f"   culprit: {c['comm']} pid {c['pid']} tid {c['tid']} on {c['node']} "
-                f"({c['events']} events: {', '.join(c['kinds'])})",
+                printable(
+                    f"   culprit: {c['comm']} pid {c['pid']} tid {c['tid']} on {c['node']} "
+                    f"({c['events']} events: {', '.join(c['kinds'])})"
+                ),
                 markup=False,
                 highlight=False,
             )
     comp = x["completeness"]
     if not comp["complete"] or comp["reasons"]:
         for r in comp["reasons"]:
-            out.print(f"[yellow]note:[/] {r}", highlight=False)
+            out.print(f"[yellow]note:[/] {shown(r)}", highlight=False)
 
 
 def timeline(
@@ -123,4 +128,4 @@ def timeline(
         output.write_text(render_html(explanation, events), encoding="utf-8")
     else:
         output.write_text(json.dumps({"explanation": explanation, "events": events}))
-    out.print(f"wrote {output}", markup=False)
+    out.print(f"wrote {printable(output)}", markup=False)

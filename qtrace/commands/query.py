@@ -21,6 +21,8 @@ from qtrace.output import (
     fail,
     ns_ago,
     out,
+    printable,
+    shown,
 )
 from qtrace.wire import node_event_to_json, stats_to_json
 
@@ -47,20 +49,20 @@ def show(
         emit_json({"query_id": query_id, "events": events, "truncated": resp.truncated})
         return
     if not events:
-        out.print(f"no events for query {query_id!r}", markup=False)
+        out.print(printable(f"no events for query {query_id!r}"), markup=False)
         raise typer.Exit(1)
     t0 = events[0]["ts_ns"]
-    t = Table(title=f"query {query_id}: {len(events)} events", title_justify="left")
+    t = Table(title=f"query {shown(query_id)}: {len(events)} events", title_justify="left")
     for col in ("+ms", "node", "process", "kind", "dur µs", "target", "ret"):
         t.add_column(col, justify="right" if col in ("+ms", "dur µs", "ret") else "left")
     for ev in events:
         t.add_row(
             f"{(ev['ts_ns'] - t0) / 1e6:.3f}",
-            ev["node"],
-            f"{ev['comm']} {ev['pid']}/{ev['tid']}",
-            ev["kind"],
+            printable(ev["node"]),
+            printable(f"{ev['comm']} {ev['pid']}/{ev['tid']}"),
+            printable(ev["kind"]),
             f"{ev['dur_ns'] / 1e3:.1f}",
-            ev["target"] or "",
+            printable(ev["target"] or ""),
             str(ev["ret"]),
         )
     out.print(t, markup=False)
@@ -95,8 +97,8 @@ def status(collector: CollectorOpt = DEFAULT_ADDR, fmt: FormatOpt = DEFAULT_FORM
         t.add_column(col)
     for a in agents:
         t.add_row(
-            a["node"],
-            a["agent_id"],
+            shown(a["node"]),
+            shown(a["agent_id"]),
             "[green]yes[/]" if a["connected"] else "[red]no[/]",
             ns_ago(a["last_batch_ns"], now),
             f"{a['clock_offset_ns'] / 1e3:+.0f} ± {a['clock_uncertainty_ns'] / 1e3:.0f} µs",
@@ -108,7 +110,11 @@ def status(collector: CollectorOpt = DEFAULT_ADDR, fmt: FormatOpt = DEFAULT_FORM
     for r in sessions:
         style = "red" if r["dropped"] else None
         s.add_row(
-            r["session_id"], r["node"], str(r["events_stored"]), str(r["dropped"]), style=style
+            shown(r["session_id"]),
+            shown(r["node"]),
+            str(r["events_stored"]),
+            str(r["dropped"]),
+            style=style,
         )
     out.print(s)
     out.print(f"{resp.events_stored} events stored")

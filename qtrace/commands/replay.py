@@ -22,6 +22,8 @@ from qtrace.output import (
     err,
     fail,
     out,
+    printable,
+    shown,
 )
 from qtrace.replay.compare import CompareOptions
 from qtrace.replay.querylog import Template, read
@@ -132,7 +134,7 @@ def replay(
         if reporter.failed:
             err.print(
                 f"[yellow]qtrace:[/] {reporter.failed} anomalies not reported to the collector "
-                f"at {collector} ({reporter.last_error})",
+                f"at {shown(collector)} ({shown(reporter.last_error)})",
                 highlight=False,
             )
     if fmt is Format.json:
@@ -157,15 +159,19 @@ def print_summary(s: Summary) -> None:
     out.print(t)
     if s.noise.paths:
         out.print(
-            "noise (differs between primary and secondary, ignored): "
-            + ", ".join(f"{p} x{n}" for p, n in s.noise.paths.most_common(10)),
+            printable(
+                "noise (differs between primary and secondary, ignored): "
+                + ", ".join(f"{p} x{n}" for p, n in s.noise.paths.most_common(10))
+            ),
             markup=False,
         )
     for m in s.mismatches[:20]:
-        out.print(f"[red]mismatch[/] {m['query_id']}: {', '.join(m['paths'][:5])}", highlight=False)
+        paths = ", ".join(m["paths"][:5])
+        out.print(f"[red]mismatch[/] {shown(m['query_id'])}: {shown(paths)}", highlight=False)
     for e in s.errors[:10]:
-        out.print(f"[yellow]error[/] {e['query_id']} {e['target']}: {e['error']}", highlight=False)
+        what = f"{e['query_id']} {e['target']}: {e['error']}"
+        out.print(f"[yellow]error[/] {shown(what)}", highlight=False)
     for b in s.malformed[:10]:
-        out.print(f"line {b['line']}: {b['error']}", highlight=False)
+        out.print(printable(f"line {b['line']}: {b['error']}"), markup=False, highlight=False)
     if s.interrupted:
         out.print("[yellow]interrupted: the summary covers what ran[/]")

@@ -17,10 +17,15 @@ from qtrace.output import (
     CollectorOpt,
     Format,
     FormatOpt,
+    RedactHeaderOpt,
+    RedactOpt,
     emit_json,
     fail,
     out,
+    printable,
+    shown,
 )
+from qtrace.redact import redaction_pb
 from qtrace.wire import session_to_json, stats_to_json
 
 app = typer.Typer(help="Trace sessions: what to trace, for how long.", no_args_is_help=True)
@@ -58,6 +63,8 @@ def start(
     ] = False,
     capture_bodies: Annotated[bool, typer.Option(help="Keep request bodies too.")] = False,
     capture_bytes: Annotated[int, typer.Option(help="Bytes kept per request.")] = 1024,
+    redact_header: RedactHeaderOpt = None,
+    redact: RedactOpt = None,
     collector: CollectorOpt = DEFAULT_ADDR,
     fmt: FormatOpt = DEFAULT_FORMAT,
 ) -> None:
@@ -65,6 +72,12 @@ def start(
     try:
         if query_id_header and query_id_regex:
             raise QtraceError("--query-id-header and --query-id-regex exclude each other")
+        redaction = redaction_pb(redact_header or [], redact or [])
+        if (redact_header or redact) and not (capture_requests or capture_bodies):
+            raise QtraceError(
+                "--redact and --redact-header apply to captured requests",
+                "add --capture-requests or --capture-bodies",
+            )
         extractor = (
             sessions_pb2.Extractor(regex=query_id_regex)
             if query_id_regex
@@ -85,6 +98,7 @@ def start(
                 requests=capture_requests or capture_bodies,
                 bodies=capture_bodies,
                 max_bytes=capture_bytes,
+                redact=redaction,
             ),
         )
         with control(collector) as call:
@@ -94,7 +108,7 @@ def start(
     if fmt is Format.json:
         emit_json(session_to_json(s))
     else:
-        out.print(s.id)
+        out.print(printable(s.id), markup=False)
 
 
 def _sessions_table(sessions: list[dict[str, Any]]) -> Table:
@@ -111,12 +125,12 @@ def _sessions_table(sessions: list[dict[str, Any]]) -> Table:
         )
         colour = {"active": "green", "stopped": "yellow", "expired": "dim"}[s["state"]]
         t.add_row(
-            s["session_id"],
+            shown(s["session_id"]),
             f"[{colour}]{s['state']}[/]",
-            targets,
-            ",".join(s["probes"]),
+            shown(targets),
+            shown(",".join(s["probes"])),
             f"{s['remaining_s']:.0f}s" if s["state"] == "active" else "-",
-            s["started_by"],
+            shown(s["started_by"]),
         )
     return t
 
@@ -164,8 +178,8 @@ def status(
             f"failed: {a['error']}" if a["error"] else "complete" if a["complete"] else "tracing"
         )
         t.add_row(
-            a["node"], a["agent_id"], str(a["events_stored"]), str(a["batches"]),
-            str(a["dropped"]), state, style=style,
+            shown(a["node"]), shown(a["agent_id"]), str(a["events_stored"]), str(a["batches"]),
+            str(a["dropped"]), shown(state), style=style,
         )  # fmt: skip
     out.print(t)
 
@@ -183,4 +197,4 @@ def stop(
     if fmt is Format.json:
         emit_json(session_to_json(s))
     else:
-        out.print(f"session {s.id} {session_to_json(s)['state']}")
+        out.print(printable(f"session {s.id} {session_to_json(s)['state']}"), markup=False)

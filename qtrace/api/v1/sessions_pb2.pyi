@@ -113,6 +113,38 @@ class Extractor(_message.Message):
 Global___Extractor: _TypeAlias = Extractor  # noqa: Y015
 
 @_typing.final
+class Redaction(_message.Message):
+    """What the agent masks in captured requests before they leave the node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADERS_FIELD_NUMBER: _builtins.int
+    REGEXES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Header names (case-insensitive) whose values become "[REDACTED]"."""
+
+    @_builtins.property
+    def regexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Regexes (Python syntax, matched on bytes: the request line and each header line, and
+        the body) whose every match becomes "[REDACTED]".
+        """
+
+    def __init__(
+        self,
+        *,
+        headers: _abc.Iterable[_builtins.str] | None = ...,
+        regexes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "regexes", b"regexes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Redaction: _TypeAlias = Redaction  # noqa: Y015
+
+@_typing.final
 class Capture(_message.Message):
     """Capturing requests makes a replayable query log of live traffic. Off by default: request
     bytes otherwise never leave the node.
@@ -123,20 +155,24 @@ class Capture(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     BODIES_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
+    REDACT_FIELD_NUMBER: _builtins.int
     requests: _builtins.bool
     bodies: _builtins.bool
     max_bytes: _builtins.int
     """power of two, 16..4096; default 1024"""
+    @_builtins.property
+    def redact(self) -> Global___Redaction: ...
     def __init__(
         self,
         *,
         requests: _builtins.bool = ...,
         bodies: _builtins.bool = ...,
         max_bytes: _builtins.int = ...,
+        redact: Global___Redaction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["redact", b"redact"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bodies", b"bodies", "max_bytes", b"max_bytes", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bodies", b"bodies", "max_bytes", b"max_bytes", "redact", b"redact", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
