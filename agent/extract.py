@@ -16,16 +16,20 @@ class QueryIdExtractor:
     A header name becomes a case-insensitive header-line regex, so HTTP and any text
     protocol (``/* qid=42 */`` in SQL, say) go through the same path."""
 
-    def __init__(self, pattern: bytes, description: str) -> None:
+    def __init__(self, pattern: bytes, description: str, trim: bool = False) -> None:
         self._re = re.compile(pattern)
         self.description = description
+        self._trim = trim
 
     @classmethod
     def header(cls, name: str = DEFAULT_HEADER) -> QueryIdExtractor:
         if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
             raise QtraceError(f"invalid HTTP header name {name!r}", "use letters, digits and '-'")
-        pat = rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$"
-        return cls(pat, f"header {name}")
+        # The value runs to the end of its line and is trimmed afterwards: a lazy group
+        # followed by optional blanks makes the regex quadratic in a line of blanks, which
+        # any client could send.
+        pat = rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:[ \t]*([^\r\n]*)"
+        return cls(pat, f"header {name}", trim=True)
 
     @classmethod
     def regex(cls, pattern: str) -> QueryIdExtractor:
@@ -44,4 +48,6 @@ class QueryIdExtractor:
         """The id, or None; an id that is not valid (``qtrace.queryid``: not UTF-8, too
         long, or with control characters) is none, never a truncated or mangled one."""
         m = self._re.search(data)
-        return query_id_from_bytes(m.group(1)) if m and m.group(1) else None
+        if not m or not m.group(1):
+            return None
+        return query_id_from_bytes(m.group(1).rstrip(b" \t") if self._trim else m.group(1))

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -35,6 +37,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_BATCH_EVENTS = 50_000
 MAX_FIELD_BYTES = 64 * 1024
 DEFAULT_QUERY_LIMIT = 100_000
+INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -69,6 +72,9 @@ def validate_batch(b: events_pb2.EventBatch) -> None:
             raise BadBatch(f"{where}: event {i}: ts_ns must be positive")
         if e.dur_ns < 0:
             raise BadBatch(f"{where}: event {i}: dur_ns is negative")
+        # Stored on the collector's clock, and ends are summed in SQL: both must fit int64.
+        if not 0 < e.ts_ns + b.clock_offset_ns <= INT64_MAX - e.dur_ns:
+            raise BadBatch(f"{where}: event {i}: ts_ns + clock_offset_ns + dur_ns out of range")
         if (
             max(len(e.target), len(e.query_id), len(e.detail_json), len(e.request))
             > MAX_FIELD_BYTES
@@ -78,7 +84,7 @@ def validate_batch(b: events_pb2.EventBatch) -> None:
             try:
                 if not isinstance(json.loads(e.detail_json), dict):
                     raise ValueError
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:  # deep nesting: not data either
                 raise BadBatch(f"{where}: event {i}: detail_json is not a JSON object") from err
 
 
@@ -92,9 +98,42 @@ def validate_anomaly(a: anomalies_pb2.Anomaly) -> str | None:
     if a.detail_json:
         try:
             json.loads(a.detail_json)
-        except ValueError:
+        except (ValueError, RecursionError):
             return "detail_json is not JSON"
     return None
+
+
+# Stands for an Ingest message that did not parse. grpcio's own answer to such a message
+# (INTERNAL) leaks the call when it is not the stream's first: the server's state grows
+# with every one, and shutdown then waits for them forever. Refused by Collector.Ingest.
+UNPARSABLE = events_pb2.AgentMessage()
+
+
+def _agent_message(data: bytes) -> events_pb2.AgentMessage:
+    try:
+        return events_pb2.AgentMessage.FromString(data)
+    except DecodeError:
+        return UNPARSABLE
+
+
+def add_agent_service(collector: Collector, server: grpc.Server) -> None:
+    """The generated registration, but with Ingest's messages parsed by the servicer's
+    rules (see UNPARSABLE)."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Ingest": grpc.stream_stream_rpc_method_handler(
+            collector.Ingest,
+            request_deserializer=_agent_message,
+            response_serializer=events_pb2.CollectorMessage.SerializeToString,
+        ),
+        "WatchSessions": grpc.unary_stream_rpc_method_handler(
+            collector.WatchSessions,
+            request_deserializer=sessions_pb2.WatchSessionsRequest.FromString,
+            response_serializer=sessions_pb2.SessionSet.SerializeToString,
+        ),
+    }
+    name = "qtrace.api.v1.AgentService"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.ControlServiceServicer):
@@ -117,6 +156,8 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         agent: AgentState | None = None
         try:
             for msg in request_iterator:
+                if msg is UNPARSABLE:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not an AgentMessage")
                 which = msg.WhichOneof("msg")
                 if which == "hello":
                     agent = self._hello(msg.hello)
@@ -375,7 +416,7 @@ def serve(listen: str, db: Path) -> tuple[grpc.Server, Collector, int]:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    services_pb2_grpc.add_AgentServiceServicer_to_server(collector, server)
+    add_agent_service(collector, server)
     services_pb2_grpc.add_ControlServiceServicer_to_server(collector, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

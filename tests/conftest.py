@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from agent.extract import QueryIdExtractor
 from agent.model import Event
@@ -60,3 +63,10 @@ def qtrace_programs() -> list[str]:
 
 def events_of(events: list[Event], pid: int) -> list[Event]:
     return [e for e in events if e.pid == pid]
+
+
+# Property-based tests: "ci" keeps every hypothesis test file well under a minute on the
+# CI machine (2 shared cores); "fuzz" is for long local runs (HYPOTHESIS_PROFILE=fuzz).
+settings.register_profile("ci", max_examples=100, deadline=timedelta(seconds=5), print_blob=True)
+settings.register_profile("fuzz", max_examples=20_000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

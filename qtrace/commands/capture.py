@@ -47,7 +47,8 @@ def parse_http(raw: bytes, id_header: str) -> dict[str, Any] | None:
             continue
         name, value = name.strip(), value.strip()
         low = name.lower()
-        if low == "content-length" and value.isdigit():
+        # ASCII digits only ('²' is a digit to str.isdigit), and no more than fit a length.
+        if low == "content-length" and value.isascii() and value.isdigit() and len(value) < 19:
             length = int(value)
         if low == id_header.lower():
             qid = value
