@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test demo test lint typecheck unit bench protos clean
+.PHONY: setup setup-test demo test lint typecheck unit fuzz bench protos clean
 
 setup:
 	bash scripts/setup.sh
@@ -20,6 +20,10 @@ typecheck:
 
 unit:
 	$(VENV)/bin/pytest -q
+
+# The hostile-input properties run far longer than in CI (about 200 times the examples).
+fuzz:
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_hostile.py -k "not markup"
 
 setup-test:
 	bash scripts/setup.sh --test
