@@ -43,9 +43,17 @@ PROBE_GROUPS: dict[str, frozenset[str]] = {
         "block_rq",
         "flock",
     },
-    # Request threads waiting for a CPU, and what ran instead.
-    "sched": frozenset({"runq"}),
+    # Request threads waiting for a CPU (and what ran instead), or asleep outside any
+    # traced syscall.
+    "sched": frozenset({"runq", "offcpu"}),
+    # Page faults that put a request thread to sleep, and waits for its mmap_lock.
+    "memory": frozenset({"page_fault", "mmap_lock"}),
 }
+# Node-wide context: the storage kinds, seen for every process of the node when they touch
+# the targets' files, /proc entries or disks (a compile-time mode of the same programs).
+PROBE_GROUPS["node"] = PROBE_GROUPS["storage"]
+#: What a session traces unless told otherwise; `all` adds the node-wide context.
+DEFAULT_GROUPS = ("net", "storage", "sched", "memory")
 
 #: Kinds that are always network events (read/write/close depend on the fd).
 NET_KINDS = PROBE_GROUPS["net"] - _SHARED

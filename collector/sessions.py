@@ -12,8 +12,9 @@ from qtrace.api.v1 import services_pb2, sessions_pb2
 
 MAX_DURATION_NS = 24 * 3600 * 10**9
 DEFAULT_DURATION_NS = 10 * 60 * 10**9
-PROBE_GROUPS = ("net", "storage", "sched")
-FUTURE_GROUPS = ("memory", "node")
+PROBE_GROUPS = ("net", "storage", "sched", "memory", "node")
+# What a session traces unless told: everything but the node-wide context.
+DEFAULT_GROUPS = ("net", "storage", "sched", "memory")
 
 
 class SessionError(ValueError):
@@ -38,16 +39,12 @@ def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
             re.compile(rx)
         except re.error as e:
             raise SessionError(f"invalid cmdline regex {rx!r}: {e}") from e
-    probes = list(req.probes) or list(PROBE_GROUPS)
+    probes = list(req.probes) or list(DEFAULT_GROUPS)
     if "all" in probes:
         probes = list(PROBE_GROUPS)
     for p in probes:
-        if p in FUTURE_GROUPS:
-            raise SessionError(
-                f"probe group {p!r} is not available yet; use net, storage, sched or all"
-            )
         if p not in PROBE_GROUPS:
-            raise SessionError(f"unknown probe group {p!r}; known: net, storage, sched, all")
+            raise SessionError(f"unknown probe group {p!r}; known: {', '.join(PROBE_GROUPS)}, all")
     if req.duration_ns < 0 or req.duration_ns > MAX_DURATION_NS:
         raise SessionError("duration must be between 1 s and 24 h")
     cap = req.capture

@@ -339,7 +339,11 @@ class Store:
                 FILTER (WHERE e.kind = 'runq'), 0)
               + coalesce(max(x.early_ns), 0),
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
-                FILTER (WHERE e.grp = 'lock'), 0)
+                FILTER (WHERE e.grp = 'lock' OR e.kind = 'mmap_lock'), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'page_fault'), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'offcpu'), 0)
             FROM spans s LEFT JOIN (
               SELECT *, ts_ns + dur_ns AS ev_end FROM ev
             ) e ON e.query_id = s.query_id AND e.node = s.node
@@ -349,7 +353,8 @@ class Store:
         with self._lock:
             rows = self._con.execute(sql, params).fetchall()
         keys = ("query_id", "node", "pid", "tid", "comm", "start_ns", "end_ns", "network",
-                "storage", "block_io", "events", "conn", "runqueue", "lock")  # fmt: skip
+                "storage", "block_io", "events", "conn", "runqueue", "lock", "page_fault",
+                "offcpu")  # fmt: skip
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def targets_seen(
