@@ -204,7 +204,8 @@ class Decoder:
             detail = {"sector": arg0, "sectors": arg1 & 0xFFFFFFFF}
         elif kind == _K["openat"]:
             path = _cstr(payload)
-            target = res.opened(tgid, fd, path, int(arg0), ts_exit) if ret >= 0 else path
+            dirfd = ((int(arg0) & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000  # an int: AT_FDCWD < 0
+            target = res.opened(tgid, fd, path, dirfd, ts_exit) if ret >= 0 else path
         elif kind in _NEW_CONN:
             peer = sockaddr_str(payload) if pkind == abi.P_SOCKADDR else None
             if ret >= 0 or ret == -115:

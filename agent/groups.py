@@ -57,3 +57,19 @@ DEFAULT_GROUPS = ("net", "storage", "sched", "memory")
 
 #: Kinds that are always network events (read/write/close depend on the fd).
 NET_KINDS = PROBE_GROUPS["net"] - _SHARED
+
+
+def parse_groups(names: list[str]) -> frozenset[str]:
+    """Probe group names as a user gives them: none means the default, ``all`` every one.
+    Raises ValueError naming what is unknown."""
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        return frozenset(DEFAULT_GROUPS)
+    if "all" in names:
+        return frozenset(PROBE_GROUPS)
+    unknown = [n for n in names if n not in PROBE_GROUPS]
+    if unknown:
+        raise ValueError(
+            f"unknown probe group {unknown[0]!r}; known: {', '.join(PROBE_GROUPS)}, all"
+        )
+    return frozenset(names)
