@@ -46,9 +46,10 @@ def get(port: int, path: str, qid: str) -> None:
 
 def traced(pid: int, port: int, requests: list[tuple[str, str]]) -> list[Event]:
     config = ProbeConfig(groups=frozenset(DEFAULT_GROUPS))
-    with background_tracer(
-        TargetSpec(pids=[pid]), QueryIdExtractor.header(), config
-    ) as (_tracer, sink):
+    with background_tracer(TargetSpec(pids=[pid]), QueryIdExtractor.header(), config) as (
+        _tracer,
+        sink,
+    ):
         for path, qid in requests:
             get(port, path, qid)
     return sink.events
