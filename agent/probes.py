@@ -57,6 +57,7 @@ class ProbeConfig:
     ring_pages: int = 1024  # 4 MiB: ~40k events between two drains
     capture_bytes: int = abi.DEFAULT_CAP_BYTES
     groups: frozenset[str] = frozenset(DEFAULT_GROUPS)
+    max_event_rate: int = 0  # events/s leaving the kernel, per node; 0: no limit
 
     def kinds(self) -> frozenset[str]:
         return frozenset().union(*(PROBE_GROUPS[g] for g in self.groups))
@@ -183,6 +184,12 @@ class Probes:
         leaf.type = abi.FD_OTHER
         with contextlib.suppress(Exception):
             self._fds[self._fds.Key(tgid, fd)] = leaf
+
+    def limit_rate(self, events_per_s: int) -> None:
+        """Cap what leaves the kernel (0: no cap), spread evenly over the CPUs; the rest
+        is counted as ``shed``, with one in 64 still shipped as a sample."""
+        per_cpu = -(-events_per_s // (os.cpu_count() or 1)) if events_per_s > 0 else 0
+        self._bpf[b"config"][ctypes.c_int(3)] = ctypes.c_uint64(per_cpu)
 
     def capture_requests(self, on: bool) -> None:
         """Follow requests past their first read until QT_CAP_BYTES are shipped."""

@@ -88,6 +88,7 @@ class Tracer:
             probes.watch_exec(True)
         if self.capture[0]:
             probes.capture_requests(True)
+        probes.limit_rate(self.probe_config.max_event_rate)
         if "flock" in self.probe_config.kinds():
             probes.lock_context(True)
         if "node" in self.probe_config.groups:
@@ -232,6 +233,7 @@ class Tracer:
             "produced": sum(r["produced"] for r in kinds.values()),
             "received": sum(received.values()),
             "lost": lost,
+            "shed": sum(r["shed"] for r in kinds.values()),
             "written": self.events_out,
             "kinds": kinds,
             "targets": sorted(self._targets),

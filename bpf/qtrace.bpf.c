@@ -84,8 +84,20 @@ BPF_HASH(traced_ports, u16, u8, 1024);   /* listening ports of traced tasks */
 /* LRU: sockets whose close we never see must not fill these for good. */
 BPF_TABLE("lru_hash", u64, u32, traced_socks, 65536); /* struct sock * -> tgid */
 BPF_TABLE("lru_hash", u64, u64, sock_since, 65536);   /* struct sock * -> phase start */
-/* [0]: report execs (name targets); [1]: capture requests; [2]: node-wide lock context */
+/* [0]: report execs (name targets); [1]: capture requests; [2]: node-wide lock context;
+ * [3]: the session's event-rate limit per CPU, events/s (0: none) */
 BPF_ARRAY(config, u64, 4);
+
+/* Per CPU token bucket of the rate limit. Over the limit, events are counted (shed) and
+ * one in QT_SAMPLE_EVERY still leaves: the traced service never waits for qtrace. */
+struct qt_bucket {
+	u64 last;
+	u64 milli; /* tokens, in thousandths of an event */
+	u64 over;
+};
+BPF_PERCPU_ARRAY(bucket, struct qt_bucket, 1);
+#define QT_SAMPLE_EVERY 64
+#define QT_BURST_MS 100 /* a burst of this long at the full rate passes */
 
 BPF_HASH(inflight, u32, struct qt_inflight, QT_MAX_THREADS);
 BPF_HASH(threads, u32, struct qt_thread, QT_MAX_THREADS);
@@ -182,9 +194,36 @@ static __always_inline int traced(u32 tgid)
 	return traced_cgroups.lookup(&cg) != 0;
 }
 
+static __always_inline int admit(u16 kind)
+{
+	int three = 3, z = 0;
+	u64 *rate = config.lookup(&three);
+	if (!rate || !*rate)
+		return 1;
+	struct qt_bucket *b = bucket.lookup(&z);
+	if (!b)
+		return 1;
+	u64 now = bpf_ktime_get_ns(), dt = now - b->last;
+	if (dt > 1000000000ULL)
+		dt = 1000000000ULL;
+	b->last = now;
+	u64 milli = b->milli + dt * *rate / 1000000, cap = *rate * QT_BURST_MS;
+	b->milli = milli > cap ? cap : milli;
+	if (b->milli >= 1000) {
+		b->milli -= 1000;
+		return 1;
+	}
+	if (++b->over % QT_SAMPLE_EVERY == 0)
+		return 1;
+	count(kind, QT_C_SHED);
+	return 0;
+}
+
 static __always_inline struct qt_event *reserve(u16 kind, int big)
 {
 	struct qt_event *e;
+	if (!admit(kind))
+		return 0;
 	count(kind, QT_C_PRODUCED);
 	if (big)
 		e = events.ringbuf_reserve(sizeof(struct qt_event) + QT_CAP_BYTES);

@@ -114,7 +114,8 @@ enum qt_counter {
 	QT_C_LOST_RINGBUF = 1, /* ...lost because the ring buffer was full */
 	QT_C_LOST_MAPFULL = 2, /* ...lost because a tracking map was full */
 	QT_C_FILTERED = 3,     /* syscalls suppressed on fds of no interest (not a loss) */
-	QT_C_MAX = 4,
+	QT_C_SHED = 4,         /* over the session's event-rate limit: counted, not shipped */
+	QT_C_MAX = 5,
 };
 
 /* Record kinds in the ring buffers. */
