@@ -53,8 +53,9 @@ def _breakdown(h: dict[str, Any], groups: frozenset[str]) -> dict[str, int | Non
     b: dict[str, int | None] = {k: int(h[k]) for k in MEASURED}
     waits = sum(int(h[k]) for k in WAITS)
     if "sched" in groups:
-        b["other"] = int(h["offcpu"])
-        b["on_cpu"] = max(0, total - waits - int(h["offcpu"]))
+        main, rest = int(h["offcpu_main"]), int(h["offcpu"]) - int(h["offcpu_main"])
+        b["other"] = max(0, main - int(h["waits_others"])) + rest
+        b["on_cpu"] = max(0, total - waits - b["other"])
     else:
         b["other"] = max(0, total - waits)
         b["on_cpu"] = None

@@ -343,7 +343,14 @@ class Store:
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
                 FILTER (WHERE e.kind = 'page_fault'), 0),
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
-                FILTER (WHERE e.kind = 'offcpu'), 0)
+                FILTER (WHERE e.kind = 'offcpu'), 0),
+              -- the request thread asleep while its own helper threads waited on something
+              -- (a fan-out joining its sub-requests) is not a cause of its own
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'offcpu' AND e.tid = s.tid), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.tid <> s.tid AND e.kind <> 'block_rq' AND e.kind <> 'offcpu'
+                  AND e.grp IN ('net', 'storage', 'lock', 'sched', 'memory')), 0)
             FROM spans s LEFT JOIN (
               SELECT *, ts_ns + dur_ns AS ev_end FROM ev
             ) e ON e.query_id = s.query_id AND e.node = s.node
@@ -354,7 +361,7 @@ class Store:
             rows = self._con.execute(sql, params).fetchall()
         keys = ("query_id", "node", "pid", "tid", "comm", "start_ns", "end_ns", "network",
                 "storage", "block_io", "events", "conn", "runqueue", "lock", "page_fault",
-                "offcpu")  # fmt: skip
+                "offcpu", "offcpu_main", "waits_others")  # fmt: skip
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def targets_seen(
