@@ -9,6 +9,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from collector.clocks import Aligner
 from collector.store import Store
 from qtrace.api.v1 import anomalies_pb2, services_pb2
 from qtrace.wire import anomaly_to_json, event_to_json
@@ -91,7 +92,14 @@ def _event(ne: services_pb2.NodeEvent) -> dict[str, Any]:
     }
 
 
-def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly]) -> dict[str, Any]:
+def explain(
+    store: Store,
+    query_id: str,
+    anomalies: list[anomalies_pb2.Anomaly],
+    aligner: Aligner | None = None,
+) -> dict[str, Any]:
+    """Works on the stored clocks (a node's own events compare as they are), then moves
+    every timestamp of the answer onto the happens-before aligned clock."""
     events, truncated = store.query_events(query_id, 100_000)
     if not events and not anomalies:
         raise NotFound(
@@ -200,8 +208,25 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
     if "memory" not in groups:
         reasons.append("page_fault is null: the session did not trace the memory group")
     out["completeness"]["complete"] = not truncated and not drops
-    out["completeness"]["clock_uncertainty_ns"] = store.clock_uncertainty(session_id)
+    alignment = (aligner or Aligner(store)).alignment(session_id)
+    _align(out, alignment.shifts)
+    uncertainty = store.clock_uncertainty(session_id)
+    if alignment.uncertainty_ns:
+        uncertainty = min(uncertainty, alignment.uncertainty_ns)
+    out["completeness"]["clock_uncertainty_ns"] = uncertainty
     return out
+
+
+def _align(out: dict[str, Any], shifts: dict[str, int]) -> None:
+    if not any(shifts.values()):
+        return
+    for hop in out["hops"]:
+        shift = shifts.get(hop["node"], 0)
+        hop["start_ns"] += shift
+        hop["end_ns"] += shift
+    for f in out["findings"]:
+        for ev in f["evidence"]:
+            ev["ts_ns"] += shifts.get(ev["node"], 0)
 
 
 def _blame_downstream(findings: list[dict[str, Any]], hops: list[dict[str, Any]]) -> None:

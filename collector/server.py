@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from collector.clocks import Aligner
 from collector.explain import NotFound, explain
 from collector.outliers import DEFAULT_FACTOR, detect
 from collector.sessions import SessionError, SessionRegistry, UnknownSession
@@ -99,6 +100,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         self.agents: dict[str, AgentState] = {}
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()
+        self.aligner = Aligner(store)
         self._stopping = threading.Event()
         self.latency_factor = DEFAULT_FACTOR
 
@@ -258,7 +260,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query_id is empty")
         limit = request.limit or DEFAULT_QUERY_LIMIT
         with self._store_lock:
-            events, truncated = self.store.query_events(request.query_id, limit)
+            events, truncated, _ = self.aligner.events(request.query_id, limit)
         return services_pb2.QueryEventsResponse(
             query_id=request.query_id, events=events, truncated=truncated
         )
@@ -271,7 +273,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         with self._store_lock:
             anomalies = self.store.list_anomalies(query_id=request.query_id)
             try:
-                result = explain(self.store, request.query_id, anomalies)
+                result = explain(self.store, request.query_id, anomalies, self.aligner)
             except NotFound as e:
                 context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return services_pb2.ExplainResponse(json=json.dumps(result))

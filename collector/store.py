@@ -411,6 +411,39 @@ class Store:
             ).fetchall()
         return [node_event(r) for r in rows]
 
+    def happens_before(self, session_id: str, sample: int = 200_000) -> list[tuple[str, str, int]]:
+        """(writer node X, reader node Y, bound): the shift of Y's clock minus X's must
+        exceed ``bound``, since bytes written on a connection on X (first write's start)
+        arrive before the read that receives them on Y ends. From the session's latest
+        cross-node exchanges of the same query on the same connection."""
+        with self._lock:
+            rows = self._con.execute(
+                """
+                WITH net AS (
+                  SELECT query_id, node, target, kind, ts_ns, ts_ns + dur_ns AS te FROM events
+                  WHERE session_id = ? AND query_id IS NOT NULL AND grp = 'net'
+                    AND contains(target, '->') AND kind IN ('write', 'writev', 'sendto',
+                      'sendmsg', 'read', 'readv', 'recvfrom', 'recvmsg')
+                  ORDER BY ts_ns DESC LIMIT ?
+                ),
+                w AS (
+                  SELECT query_id, node, target, min(ts_ns) AS t FROM net
+                  WHERE kind IN ('write', 'writev', 'sendto', 'sendmsg') GROUP BY ALL
+                ),
+                r AS (
+                  SELECT query_id, node, target, min(te) AS t FROM net
+                  WHERE kind IN ('read', 'readv', 'recvfrom', 'recvmsg') GROUP BY ALL
+                )
+                SELECT w.node, r.node, max(w.t - r.t) FROM w JOIN r
+                  ON w.query_id = r.query_id AND w.node <> r.node
+                  AND r.target = split_part(w.target, '->', 2) || '->'
+                    || split_part(w.target, '->', 1)
+                GROUP BY ALL
+                """,
+                [session_id, sample],
+            ).fetchall()
+        return [(str(a), str(b), int(bound)) for a, b, bound in rows]
+
     def clock_uncertainty(self, session_id: str) -> int:
         with self._lock:
             row = self._con.execute(
