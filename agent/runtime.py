@@ -23,6 +23,7 @@ from agent.shipper import Shipper
 from agent.targets import TargetSpec
 from agent.tracer import Tracer
 from qtrace.api.v1 import events_pb2, services_pb2_grpc, sessions_pb2
+from qtrace.channel import Credentials, describe, open_channel
 from qtrace.errors import QtraceError
 
 log = logging.getLogger("qtrace.agent")
@@ -79,6 +80,7 @@ class AgentRuntime:
         scope: str | None = None,
         drain_interval: float = 0.01,
         ring_pages: int = ProbeConfig().ring_pages,
+        credentials: Credentials | None = None,
     ) -> None:
         self.ring_pages = ring_pages
         self.collector = collector
@@ -87,7 +89,8 @@ class AgentRuntime:
         self.agent_id = f"{node}-{uuid.uuid4().hex[:8]}"
         self.drain_interval = drain_interval
         self.stop_event = threading.Event()
-        self._channel = grpc.insecure_channel(collector)
+        self.credentials = credentials or Credentials()
+        self._channel = open_channel(collector, self.credentials)
         self.shipper = Shipper(self._channel, self.agent_id, node, self._drops)
         self.running: dict[str, Running] = {}
         self._ended: set[str] = set()  # expired or stopped here: never restarted
@@ -122,11 +125,12 @@ class AgentRuntime:
     def _watch(self) -> None:
         stub = services_pb2_grpc.AgentServiceStub(self._channel)
         backoff = 0.05
+        said = ""
         req = sessions_pb2.WatchSessionsRequest(agent_id=self.agent_id, node=self.node)
         while not self.stop_event.is_set():
             try:
                 for update in stub.WatchSessions(req):
-                    backoff = 0.05
+                    backoff, said = 0.05, ""
                     now = time.monotonic()
                     desired = {
                         s.id: (s, now + max(0.0, (s.expires_ns - update.collector_ns) / 1e9))
@@ -137,7 +141,11 @@ class AgentRuntime:
                     if self.stop_event.is_set():
                         return
             except grpc.RpcError as e:
-                log.info("session watch: %s; retrying", e.code())
+                # Once per distinct problem: a refused certificate would otherwise fill the log.
+                problem = str(describe(e, self.collector, self.credentials))
+                if problem != said:
+                    log.warning("%s; retrying", problem)
+                    said = problem
             # While the collector is away, the sessions we have keep running until their
             # own deadlines.
             self.stop_event.wait(backoff)

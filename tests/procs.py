@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +88,11 @@ class Proc:
 
 
 class Collector(Proc):
-    def __init__(self, db: Path, port: int = 0) -> None:
+    def __init__(
+        self, db: Path, port: int = 0, args: Sequence[str] = (), host: str = "127.0.0.1"
+    ) -> None:
         super().__init__(
-            ["collector", "run", "--db", str(db), "--listen", f"127.0.0.1:{port}"], "listening"
+            ["collector", "run", "--db", str(db), "--listen", f"{host}:{port}", *args], "listening"
         )
         m = re.search(r":(\d+),", self.first_line)
         assert m, self.first_line
@@ -106,13 +108,14 @@ class Agent(Proc):
         scope: Path | None = None,
         skew_ns: int = 0,
         ring_pages: int = 1024,
+        env: dict[str, str] | None = None,
     ) -> None:
         args = ["agent", "run", "--collector", collector, "--node", node]
         args += ["--ring-pages", str(ring_pages)]
         if scope is not None:
             args += ["--scope-cgroup", str(scope)]
-        env = {"QTRACE_CLOCK_SKEW_NS": str(skew_ns)} if skew_ns else None
-        super().__init__(args, "agent", env)
+        env = {**(env or {}), **({"QTRACE_CLOCK_SKEW_NS": str(skew_ns)} if skew_ns else {})}
+        super().__init__(args, "agent", env or None)
 
 
 def move_to_cgroup(pid: int, cg: Path) -> None:

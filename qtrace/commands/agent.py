@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtrace.client import parse_addr
+from qtrace.client import credentials, parse_addr
 from qtrace.errors import QtraceError
 from qtrace.output import (
     DEFAULT_ADDR,
@@ -181,8 +181,14 @@ def agent_run(
             TargetSpec.cgroup_dir(scope_cgroup)
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise QtraceError("--ring-pages must be a power of two (1, 2, 4, ...)")
+        creds = credentials()
+        creds.check()
         runtime = AgentRuntime(
-            collector, node or default_node(), scope=scope_cgroup, ring_pages=ring_pages
+            collector,
+            node or default_node(),
+            scope=scope_cgroup,
+            ring_pages=ring_pages,
+            credentials=creds,
         )
     except QtraceError as e:
         fail(e)
