@@ -42,7 +42,7 @@ SCHED = (
     ("qt_switch", "sched:sched_switch"),
 )
 BLOCK = (
-    ("qt_blk_issue", "block:block_rq_issue"),
+    ("qt_blk_queue", "block:block_bio_queue"),
     ("qt_blk_complete", "block:block_rq_complete"),
 )
 MMAP_LOCK = (

@@ -102,7 +102,7 @@ BPF_PERCPU_ARRAY(bucket, struct qt_bucket, 1);
 BPF_HASH(inflight, u32, struct qt_inflight, QT_MAX_THREADS);
 BPF_HASH(threads, u32, struct qt_thread, QT_MAX_THREADS);
 BPF_HASH(fds, struct qt_fdkey, struct qt_fdinfo, QT_MAX_FDS);
-BPF_HASH(blk, struct qt_blkkey, struct qt_blkinfo, 8192);
+BPF_TABLE("lru_hash", struct qt_blkkey, struct qt_blkinfo, blk, 8192);
 BPF_HASH(runq, u32, struct qt_runq, QT_MAX_THREADS);
 
 /* Per CPU: since when the current task runs, and the longest slice that ended lately.
@@ -823,9 +823,13 @@ int qt_retransmit(struct tracepoint__tcp__tcp_retransmit_skb *args)
 			 args->state, 0);
 }
 
-/* ---- block I/O: issue in the submitter's context, completion usually in an interrupt ---- */
+/* ---- block I/O ----
+ * Who asked: block_bio_queue runs in the submitter's context, whereas with an I/O
+ * scheduler the request is issued later by a kworker. The time runs from queueing to
+ * completion (usually in an interrupt), so waiting behind a neighbour's I/O counts. A bio
+ * merged into another request never completes under its own sector: the map is an LRU. */
 
-int qt_blk_issue(struct tracepoint__block__block_rq_issue *args)
+int qt_blk_queue(struct tracepoint__block__block_bio_queue *args)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32, tid = (u32)id;
