@@ -19,7 +19,7 @@ from collector.audit import AuditLog, default_path
 from collector.auth import Access, AuthInterceptor, Security
 from collector.clocks import Aligner
 from collector.explain import NotFound, explain
-from collector.outliers import DEFAULT_FACTOR, detect
+from collector.outliers import DEFAULT_FACTOR, DEFAULT_MIN_EXCESS_NS, detect
 from collector.sessions import SessionError, SessionRegistry, UnknownSession
 from collector.store import Store
 from qtrace.api.v1 import (
@@ -106,6 +106,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         self.aligner = Aligner(store)
         self._stopping = threading.Event()
         self.latency_factor = DEFAULT_FACTOR
+        self.latency_min_excess_ns = DEFAULT_MIN_EXCESS_NS
 
     # -- AgentService ----------------------------------------------------------------------
 
@@ -381,7 +382,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
                 if n == seen.get(s.id) or n == 0:
                     continue
                 seen[s.id] = n
-                new = detect(self.store, s.id, self.latency_factor)
+                new = detect(self.store, s.id, self.latency_factor, self.latency_min_excess_ns)
                 if new:
                     self.store.add_anomalies(new, time.time_ns())
                     found += len(new)

@@ -48,6 +48,12 @@ def collector_run(
             rich_help_panel=ACCESS,
         ),
     ] = False,
+    latency_factor: Annotated[
+        float, typer.Option(help="A hop slower than this many times its kind's p75...")
+    ] = 5.0,
+    latency_min_ms: Annotated[
+        float, typer.Option(help="...and this much slower than its median is a latency anomaly.")
+    ] = 20.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve agents and engineers until SIGINT/SIGTERM."""
@@ -61,6 +67,8 @@ def collector_run(
         parse_addr(listen, listening=True)
         if not db.parent.is_dir():
             raise QtraceError(f"cannot create {db}: {db.parent} is not a directory")
+        if latency_factor < 1 or latency_min_ms < 0:
+            raise QtraceError("--latency-factor must be >= 1 and --latency-min-ms >= 0")
         security = Security(
             tls=ServerTLS.load(tls_cert, tls_key, tls_ca),
             config=AuthConfig.load(auth_config) if auth_config else None,
@@ -78,6 +86,8 @@ def collector_run(
             raise QtraceError(f"cannot listen on {listen} ({e})", "pick another --listen") from e
     except QtraceError as e:
         fail(e)
+    collector.latency_factor = latency_factor
+    collector.latency_min_excess_ns = int(latency_min_ms * 1e6)
     stop = threading.Event()
     stop_on_signals(stop)
     host = listen.rpartition(":")[0]
