@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--fault-rate", type=float, default=1 / 100)
     ap.add_argument("--normal", type=int, default=60, help="normal queries to explain")
+    ap.add_argument("--verbose", action="store_true", help="print every wrong top finding")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -148,6 +149,13 @@ def main() -> None:
             for qid in [*truth, *normal]:
                 x = q("explain", qid, "--collector", addr)
                 predicted[qid] = judge(x, truth.get(qid), pids["root"])
+                t = truth.get(qid)
+                wrong = predicted[qid] != (EXPECTED[t[0]] if t else None)
+                if a.verbose and wrong:
+                    top = x["findings"][0] if x["findings"] else {}
+                    print(f"{qid} {t}: top {top.get('category')} on {top.get('hop')}, "
+                          f"culprits {[c['pid'] for c in top.get('culprits', [])]}: "
+                          f"{top.get('summary')}", file=sys.stderr)  # fmt: skip
         finally:
             agent.terminate()
             agent.wait()
