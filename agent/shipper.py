@@ -124,6 +124,7 @@ class Shipper:
         self.acked_events = 0
         self.connected = False
         self.rejected = 0
+        self._shed_warned = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qtrace-ship", daemon=True)
         if spool is not None:
@@ -275,11 +276,11 @@ class Shipper:
                 continue
             counter = self.lost_spool if self.spool is not None else self.lost
             counter[q.session_id] = counter.get(q.session_id, 0) + q.n_events
-            log.warning(
-                "dropped batch %d (%d events): %s",
-                q.seq, q.n_events, self.spool.error if self.spool and self.spool.error
-                else "in-memory queue full",
-            )  # fmt: skip
+            # The spool said once why it refuses; without one, say it once per backlog.
+            if self.spool is None and not self._shed_warned:
+                log.warning("in-memory queue full: dropping batches (counted as lost_agent)")
+                self._shed_warned = True
+            log.info("dropped the %d events of batch %d", q.n_events, q.seq)
             del q.batch.events[:]
             q.n_events = 0
             if q.batch.agent_id == self.agent_id:  # the counters now include this loss
@@ -394,6 +395,7 @@ class Shipper:
             self.acked_events += done.n_events
             self._progress = time.monotonic()
             self.down = False
+            self._shed_warned = False
             self._cv.notify_all()
 
     def _release(self, q: Queued) -> None:

@@ -80,7 +80,8 @@ class Spool:
         self.segment_bytes = segment_bytes or max(
             MIN_BYTES // 4, min(MAX_SEGMENT_BYTES, max_bytes // 8)
         )
-        self.error: str | None = None  # the last write failure, until a write succeeds again
+        self.error: str | None = None  # why the spool refuses batches, until space is freed
+        self.refused = 0  # batches refused, ever
         self._lock_fd = self._take(directory)
         self._segments: list[Segment] = []
         self._writer: tuple[Segment, int] | None = None  # the segment being appended, its fd
@@ -174,9 +175,6 @@ class Spool:
         except OSError as e:
             self._failed(f"cannot write to spool {self.directory}: {e.strerror or e}")
             return None
-        if self.error is not None:
-            log.warning("spool %s is writable again", self.directory)
-            self.error = None
         seg.size += len(record)
         seg.records += 1
         return Entry(
@@ -185,9 +183,12 @@ class Spool:
         )  # fmt: skip
 
     def _failed(self, why: str) -> None:
-        if self.error != why:  # one line per kind of trouble, not one per batch
+        # One line per episode, not one per batch: small batches may still fit where large
+        # ones do not, so a success does not end it; freeing space (an ack) does.
+        if self.error is None:
             log.error("%s: dropping batches (counted per session as lost_spool)", why)
         self.error = why
+        self.refused += 1
 
     def _segment_for(self, size: int) -> tuple[Segment, int]:
         if self._writer is not None:
@@ -246,6 +247,10 @@ class Spool:
             self._close_writer()
         seg.path.unlink(missing_ok=True)
         self._segments.remove(seg)
+        if self.error is not None:
+            log.warning("spool %s has room again (%d batches refused so far)",
+                        self.directory, self.refused)  # fmt: skip
+            self.error = None
 
     def close(self) -> None:
         self._close_writer()

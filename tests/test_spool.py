@@ -63,9 +63,9 @@ def test_a_segment_goes_once_all_its_batches_are_acked(tmp_path: Path) -> None:
         assert first.segment.path.exists()
     spool.ack(same_segment[-1])
     assert not first.segment.path.exists()
-    for e in entries[len(same_segment) :]:
-        assert e is not None
-        spool.ack(e)
+    for rest in entries[len(same_segment) :]:
+        assert rest is not None
+        spool.ack(rest)
     assert segments(tmp_path) == [] and spool.used_bytes == 0
     # Appending after everything was acked starts a new segment.
     assert spool.append(batch(21)) is not None and len(segments(tmp_path)) == 1
