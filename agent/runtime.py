@@ -20,7 +20,7 @@ import grpc
 from agent.extract import QueryIdExtractor
 from agent.model import Event
 from agent.probes import ProbeConfig
-from agent.shipper import Shipper
+from agent.shipper import KEEPALIVE_OPTIONS, Shipper
 from agent.spool import Spool, SpoolError
 from agent.targets import TargetSpec
 from agent.tracer import Tracer
@@ -92,7 +92,7 @@ class AgentRuntime:
         self.agent_id = f"{node}-{uuid.uuid4().hex[:8]}"
         self.drain_interval = drain_interval
         self.stop_event = threading.Event()
-        self._channel = grpc.insecure_channel(collector)
+        self._channel = grpc.insecure_channel(collector, options=KEEPALIVE_OPTIONS)
         self.shipper = Shipper(
             self._channel,
             self.agent_id,

@@ -37,6 +37,18 @@ log = logging.getLogger("qtrace.agent")
 
 WINDOW = 16  # batches in flight on one stream
 
+# For the agent's channel to the collector. A partition (no reset, just silence) would
+# otherwise leave the connection "ready" for as long as TCP retries, many minutes, and
+# its retries back off to a minute apart: pings find it dead within ~20 s, and reconnects
+# stay a few seconds apart, so the agent is back soon after the network is.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 3_000),
+]
+
 
 class ClockEstimate:
     """Offset of the collector's clock from ours, NTP-style, from the tightest recent
@@ -191,6 +203,7 @@ class Shipper:
     def flush(self, session_id: str | None = None) -> None:
         """Cut open batches: all of them, or those of one session, or those due."""
         self._check_memory()
+        self._check_stalled()
         now = time.monotonic()
         with self._cv:
             for sid, buf in self._open.items():
@@ -290,6 +303,17 @@ class Shipper:
             q.size = q.batch.ByteSize()
             self._mem_bytes += q.size
 
+    def _check_stalled(self) -> None:
+        """A link that dies without a reset (a partition) leaves the stream waiting for acks
+        that cannot come, for as long as TCP keeps retrying (many minutes). Watched from
+        the producer's side: the stream's own threads are the ones blocked."""
+        with self._cv:
+            stalled = self._sent and time.monotonic() - self._progress > self.ack_timeout
+            call, self._call = (self._call, None) if stalled else (None, self._call)
+        if call is not None:
+            log.warning("no ack from the collector for %.0fs: reconnecting", self.ack_timeout)
+            call.cancel()
+
     def _check_memory(self) -> None:
         """Under the memory cap, the queue spills to disk before the process grows past it
         (psutil's RSS, looked at a few times a second: it costs a /proc read)."""
@@ -341,12 +365,6 @@ class Shipper:
                         self._progress = time.monotonic()
                     self._sent += 1
                     return q
-                if self._sent and time.monotonic() - self._progress > self.ack_timeout:
-                    # The link died without a reset (a partition): TCP would wait minutes.
-                    log.warning("no ack for %.0fs: reconnecting", self.ack_timeout)
-                    if self._call is not None:
-                        self._call.cancel()
-                    return None
                 self._cv.wait(timeout=1.0)
 
     def _requests(self, alive: threading.Event) -> Iterator[events_pb2.AgentMessage]:

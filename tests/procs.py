@@ -66,7 +66,7 @@ class Proc:
         args: list[str],
         ready: str,
         env: dict[str, str] | None = None,
-        prefix: list[str] | None = None,  # e.g. ip netns exec NAME
+        prefix: list[str] | None = None,  # e.g. nsenter --net=...
     ) -> None:
         self.proc = subprocess.Popen(
             [*(prefix or []), QTRACE, *args],
@@ -142,7 +142,9 @@ class Agent(Proc):
         if scope is not None:
             args += ["--scope-cgroup", str(scope)]
         env = {"QTRACE_CLOCK_SKEW_NS": str(skew_ns)} if skew_ns else None
-        super().__init__(args, "agent", env, ["ip", "netns", "exec", netns] if netns else None)
+        # nsenter, not `ip netns exec`: that also remounts /sys, hiding tracefs.
+        prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else None
+        super().__init__(args, "agent", env, prefix)
         self.agent_id = self.first_line.split()[1]
 
     def stop(self) -> int:
