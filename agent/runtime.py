@@ -25,6 +25,7 @@ from agent.spool import Spool, SpoolError
 from agent.targets import TargetSpec
 from agent.tracer import Tracer
 from qtrace.api.v1 import events_pb2, services_pb2_grpc, sessions_pb2
+from qtrace.channel import Credentials, describe, open_channel
 from qtrace.errors import QtraceError
 
 log = logging.getLogger("qtrace.agent")
@@ -84,6 +85,7 @@ class AgentRuntime:
         spool_dir: Path | None = None,
         spool_max_bytes: int = 1 << 30,
         max_memory: int = 512 << 20,
+        credentials: Credentials | None = None,
     ) -> None:
         self.ring_pages = ring_pages
         self.collector = collector
@@ -92,7 +94,8 @@ class AgentRuntime:
         self.agent_id = f"{node}-{uuid.uuid4().hex[:8]}"
         self.drain_interval = drain_interval
         self.stop_event = threading.Event()
-        self._channel = grpc.insecure_channel(collector, options=KEEPALIVE_OPTIONS)
+        self.credentials = credentials or Credentials()
+        self._channel = open_channel(collector, self.credentials, options=KEEPALIVE_OPTIONS)
         self.shipper = Shipper(
             self._channel,
             self.agent_id,
@@ -137,11 +140,12 @@ class AgentRuntime:
     def _watch(self) -> None:
         stub = services_pb2_grpc.AgentServiceStub(self._channel)
         backoff = 0.05
+        said = ""
         req = sessions_pb2.WatchSessionsRequest(agent_id=self.agent_id, node=self.node)
         while not self.stop_event.is_set():
             try:
                 for update in stub.WatchSessions(req):
-                    backoff = 0.05
+                    backoff, said = 0.05, ""
                     now = time.monotonic()
                     desired = {
                         s.id: (s, now + max(0.0, (s.expires_ns - update.collector_ns) / 1e9))
@@ -152,7 +156,11 @@ class AgentRuntime:
                     if self.stop_event.is_set():
                         return
             except grpc.RpcError as e:
-                log.info("session watch: %s; retrying", e.code())
+                # Once per distinct problem: a refused certificate would otherwise fill the log.
+                problem = str(describe(e, self.collector, self.credentials))
+                if problem != said:
+                    log.warning("%s; retrying", problem)
+                    said = problem
             # While the collector is away, the sessions we have keep running until their
             # own deadlines.
             self.stop_event.wait(backoff)

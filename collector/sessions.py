@@ -8,12 +8,11 @@ import time
 import uuid
 from collections.abc import Callable
 
+from agent.groups import parse_groups
 from qtrace.api.v1 import services_pb2, sessions_pb2
 
 MAX_DURATION_NS = 24 * 3600 * 10**9
 DEFAULT_DURATION_NS = 10 * 60 * 10**9
-PROBE_GROUPS = ("net", "storage", "sched")
-FUTURE_GROUPS = ("memory", "node")
 
 
 class SessionError(ValueError):
@@ -38,16 +37,10 @@ def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
             re.compile(rx)
         except re.error as e:
             raise SessionError(f"invalid cmdline regex {rx!r}: {e}") from e
-    probes = list(req.probes) or list(PROBE_GROUPS)
-    if "all" in probes:
-        probes = list(PROBE_GROUPS)
-    for p in probes:
-        if p in FUTURE_GROUPS:
-            raise SessionError(
-                f"probe group {p!r} is not available yet; use net, storage, sched or all"
-            )
-        if p not in PROBE_GROUPS:
-            raise SessionError(f"unknown probe group {p!r}; known: net, storage, sched, all")
+    try:
+        probes = parse_groups(list(req.probes))
+    except ValueError as e:
+        raise SessionError(str(e)) from None
     if req.duration_ns < 0 or req.duration_ns > MAX_DURATION_NS:
         raise SessionError("duration must be between 1 s and 24 h")
     cap = req.capture
@@ -62,7 +55,7 @@ def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
                 raise SessionError(f"query-id regex {ex.regex!r} has no group")
         except re.error as e:
             raise SessionError(f"invalid query-id regex {ex.regex!r}: {e}") from e
-    return sorted(set(probes))
+    return sorted(probes)
 
 
 class SessionRegistry:

@@ -342,7 +342,18 @@ class Store:
                 FILTER (WHERE e.kind = 'runq'), 0)
               + coalesce(max(x.early_ns), 0),
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
-                FILTER (WHERE e.grp = 'lock'), 0)
+                FILTER (WHERE e.grp = 'lock' OR e.kind = 'mmap_lock'), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'page_fault'), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'offcpu'), 0),
+              -- the request thread asleep while its own helper threads waited on something
+              -- (a fan-out joining its sub-requests) is not a cause of its own
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'offcpu' AND e.tid = s.tid), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.tid <> s.tid AND e.kind <> 'block_rq' AND e.kind <> 'offcpu'
+                  AND e.grp IN ('net', 'storage', 'lock', 'sched', 'memory')), 0)
             FROM spans s LEFT JOIN (
               SELECT *, ts_ns + dur_ns AS ev_end FROM ev
             ) e ON e.query_id = s.query_id AND e.node = s.node
@@ -352,7 +363,8 @@ class Store:
         with self._lock:
             rows = self._con.execute(sql, params).fetchall()
         keys = ("query_id", "node", "pid", "tid", "comm", "start_ns", "end_ns", "network",
-                "storage", "block_io", "events", "conn", "runqueue", "lock")  # fmt: skip
+                "storage", "block_io", "events", "conn", "runqueue", "lock", "page_fault",
+                "offcpu", "offcpu_main", "waits_others")  # fmt: skip
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def targets_seen(
@@ -401,6 +413,39 @@ class Store:
                 [node, kind, end_ns, start_ns, limit],
             ).fetchall()
         return [node_event(r) for r in rows]
+
+    def happens_before(self, session_id: str, sample: int = 200_000) -> list[tuple[str, str, int]]:
+        """(writer node X, reader node Y, bound): the shift of Y's clock minus X's must
+        exceed ``bound``, since bytes written on a connection on X (first write's start)
+        arrive before the read that receives them on Y ends. From the session's latest
+        cross-node exchanges of the same query on the same connection."""
+        with self._lock:
+            rows = self._con.execute(
+                """
+                WITH net AS (
+                  SELECT query_id, node, target, kind, ts_ns, ts_ns + dur_ns AS te FROM events
+                  WHERE session_id = ? AND query_id IS NOT NULL AND grp = 'net'
+                    AND contains(target, '->') AND kind IN ('write', 'writev', 'sendto',
+                      'sendmsg', 'read', 'readv', 'recvfrom', 'recvmsg')
+                  ORDER BY ts_ns DESC LIMIT ?
+                ),
+                w AS (
+                  SELECT query_id, node, target, min(ts_ns) AS t FROM net
+                  WHERE kind IN ('write', 'writev', 'sendto', 'sendmsg') GROUP BY ALL
+                ),
+                r AS (
+                  SELECT query_id, node, target, min(te) AS t FROM net
+                  WHERE kind IN ('read', 'readv', 'recvfrom', 'recvmsg') GROUP BY ALL
+                )
+                SELECT w.node, r.node, max(w.t - r.t) FROM w JOIN r
+                  ON w.query_id = r.query_id AND w.node <> r.node
+                  AND r.target = split_part(w.target, '->', 2) || '->'
+                    || split_part(w.target, '->', 1)
+                GROUP BY ALL
+                """,
+                [session_id, sample],
+            ).fetchall()
+        return [(str(a), str(b), int(bound)) for a, b, bound in rows]
 
     def clock_uncertainty(self, session_id: str) -> int:
         with self._lock:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +112,11 @@ class Proc:
 
 
 class Collector(Proc):
-    def __init__(self, db: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, db: Path, port: int = 0, args: Sequence[str] = (), host: str = "127.0.0.1"
+    ) -> None:
         super().__init__(
-            ["collector", "run", "--db", str(db), "--listen", f"{host}:{port}"], "listening"
+            ["collector", "run", "--db", str(db), "--listen", f"{host}:{port}", *args], "listening"
         )
         m = re.search(r":(\d+),", self.first_line)
         assert m, self.first_line
@@ -133,6 +135,7 @@ class Agent(Proc):
         spool: Path | None = None,
         extra: list[str] | None = None,
         netns: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         # Never the shared default spool: other tests' agents run on this machine too.
         self.own_spool = spool is None
@@ -141,10 +144,10 @@ class Agent(Proc):
         args += ["--ring-pages", str(ring_pages), "--spool-dir", str(self.spool), *(extra or [])]
         if scope is not None:
             args += ["--scope-cgroup", str(scope)]
-        env = {"QTRACE_CLOCK_SKEW_NS": str(skew_ns)} if skew_ns else None
+        env = {**(env or {}), **({"QTRACE_CLOCK_SKEW_NS": str(skew_ns)} if skew_ns else {})}
         # nsenter, not `ip netns exec`: that also remounts /sys, hiding tracefs.
         prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else None
-        super().__init__(args, "agent", env, prefix)
+        super().__init__(args, "agent", env or None, prefix)
         self.agent_id = self.first_line.split()[1]
 
     def stop(self) -> int:

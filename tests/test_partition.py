@@ -169,7 +169,7 @@ def test_partition_under_load_stores_every_event_once(
     ns, host_addr, ns_if = netns
     db = tmp_path / "q.duckdb"
     spool = tmp_path / "spool"
-    col = Collector(db, host=host_addr)
+    col = Collector(db, args=["--insecure"], host=host_addr)  # a trusted test link
     agent = Agent(col.addr, "node-p", spool=spool, netns=ns)
     issued = 0
     try:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtrace.client import parse_addr
+from qtrace.client import credentials, parse_addr
 from qtrace.errors import QtraceError
 from qtrace.output import (
     DEFAULT_ADDR,
@@ -48,13 +48,17 @@ def agent_trace(
         int, typer.Option(help="Bytes of each request given to the extractor.")
     ] = 256,
     ring_pages: Annotated[int, typer.Option(help="Ring buffer size in 4 KiB pages.")] = 1024,
+    probes: Annotated[
+        str,
+        typer.Option(help="Probe groups, of net,storage,sched,memory,node or all [all but node]."),
+    ] = "",
     fmt: Annotated[Format, typer.Option("--format", help="Summary format.")] = Format.text,
 ) -> None:
     """Trace processes on this machine and write their attributed events as JSON lines."""
     try:
         _agent_trace(
             out, pid or [], comm or [], cgroup or [], query_id_header, query_id_regex,
-            duration, capture_bytes, ring_pages, fmt,
+            duration, capture_bytes, ring_pages, probes, fmt,
         )  # fmt: skip
     except QtraceError as e:
         fail(e)
@@ -70,10 +74,12 @@ def _agent_trace(
     duration: float | None,
     capture_bytes: int,
     ring_pages: int,
+    probes: str,
     fmt: Format,
 ) -> None:
     from agent import preflight
     from agent.extract import QueryIdExtractor
+    from agent.groups import parse_groups
     from agent.probes import ProbeConfig
     from agent.sink import JsonlSink
     from agent.targets import TargetSpec
@@ -90,6 +96,10 @@ def _agent_trace(
     extractor = (
         QueryIdExtractor.regex(regex) if regex else QueryIdExtractor.header(header or "X-Query-Id")
     )
+    try:
+        groups = parse_groups(probes.split(","))
+    except ValueError as e:
+        raise QtraceError(str(e)) from None
     spec = TargetSpec(pids=pids, comms=comms, cgroups=cgroups)
     preflight.check()
     spec.validate()
@@ -97,7 +107,10 @@ def _agent_trace(
         raise QtraceError(f"cannot write {out}: {out.parent} is not a directory")
     sink = JsonlSink(out)
     tracer = Tracer(
-        spec, sink, extractor, ProbeConfig(ring_pages=ring_pages, capture_bytes=capture_bytes)
+        spec,
+        sink,
+        extractor,
+        ProbeConfig(ring_pages=ring_pages, capture_bytes=capture_bytes, groups=groups),
     )
 
     stop_on_signals(tracer.stop_event)
@@ -187,12 +200,15 @@ def agent_run(
             raise QtraceError(f"--spool-max-bytes must be at least {MIN_BYTES // 1024}K")
         if max_memory < 64:
             raise QtraceError(f"--max-memory is in MiB and must be at least 64, not {max_memory}")
+        creds = credentials()
+        creds.check()
         node = node or default_node()
         runtime = AgentRuntime(
             collector,
             node,
             scope=scope_cgroup,
             ring_pages=ring_pages,
+            credentials=creds,
             spool_dir=spool_dir or Path("/var/lib/qtrace/spool") / node,
             spool_max_bytes=spool_bytes,
             max_memory=max_memory << 20,

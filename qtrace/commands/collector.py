@@ -14,6 +14,8 @@ from qtrace.output import err, fail, log_to_stderr, stop_on_signals
 
 app = typer.Typer(help="The collector: sessions, ingest, store, reads.", no_args_is_help=True)
 
+ACCESS = "Access control"
+
 
 @app.command("run")
 def collector_run(
@@ -21,11 +23,37 @@ def collector_run(
     db: Annotated[Path, typer.Option(help="DuckDB file (owned by this process).")] = Path(
         "qtrace.duckdb"
     ),
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Server certificate (PEM).", rich_help_panel=ACCESS)
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="Server private key.", rich_help_panel=ACCESS)
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(help="CA clients' certificates must be signed by.", rich_help_panel=ACCESS),
+    ] = None,
+    auth_config: Annotated[
+        Path | None,
+        typer.Option(help="Users, roles and namespaces (TOML).", rich_help_panel=ACCESS),
+    ] = None,
+    audit_log: Annotated[
+        Path | None,
+        typer.Option(help="JSON-lines audit log [DB.audit.jsonl].", rich_help_panel=ACCESS),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            help="Allow plaintext, unauthenticated clients on a non-loopback address.",
+            rich_help_panel=ACCESS,
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve agents and engineers until SIGINT/SIGTERM."""
     import duckdb
 
+    from collector.auth import AuthConfig, Security, ServerTLS
     from collector.server import serve
 
     log_to_stderr(verbose)
@@ -33,8 +61,14 @@ def collector_run(
         parse_addr(listen, listening=True)
         if not db.parent.is_dir():
             raise QtraceError(f"cannot create {db}: {db.parent} is not a directory")
+        security = Security(
+            tls=ServerTLS.load(tls_cert, tls_key, tls_ca),
+            config=AuthConfig.load(auth_config) if auth_config else None,
+            insecure=insecure,
+            audit_log=audit_log,
+        )
         try:
-            server, collector, port = serve(listen, db)
+            server, collector, port = serve(listen, db, security)
         except duckdb.IOException as e:
             raise QtraceError(
                 f"cannot open {db} ({e})".replace("\n", " "),
@@ -47,7 +81,10 @@ def collector_run(
     stop = threading.Event()
     stop_on_signals(stop)
     host = listen.rpartition(":")[0]
-    err.print(f"[green]collector[/] listening on {host}:{port}, store {db}", highlight=False)
+    mode = "TLS" if security.tls else "plaintext"
+    err.print(
+        f"[green]collector[/] listening on {host}:{port}, store {db} ({mode})", highlight=False
+    )
     stop.wait()
     collector.stop()
     server.stop(grace=2.0).wait()

@@ -50,7 +50,13 @@ def start(
     ] = None,
     cgroup: Annotated[list[str] | None, typer.Option("--cgroup", help="cgroup v2 path.")] = None,
     duration: Annotated[str, typer.Option(help="How long: 90s, 10m, 2h.")] = "10m",
-    probes: Annotated[str, typer.Option(help="Probe groups: net,storage or all.")] = "all",
+    probes: Annotated[
+        str,
+        typer.Option(
+            help="Probe groups, of net,storage,sched,memory,node; `all` is every one. "
+            "Default: all but node (node-wide context costs every process on the node)."
+        ),
+    ] = "",
     query_id_header: Annotated[str | None, typer.Option(help="[X-Query-Id]")] = None,
     query_id_regex: Annotated[str | None, typer.Option(help="Group 1 is the id.")] = None,
     capture_requests: Annotated[
