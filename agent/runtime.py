@@ -13,13 +13,15 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from agent.extract import QueryIdExtractor
 from agent.model import Event
 from agent.probes import ProbeConfig
-from agent.shipper import Shipper
+from agent.shipper import KEEPALIVE_OPTIONS, Shipper
+from agent.spool import Spool, SpoolError
 from agent.targets import TargetSpec
 from agent.tracer import Tracer
 from qtrace.api.v1 import events_pb2, services_pb2_grpc, sessions_pb2
@@ -80,6 +82,9 @@ class AgentRuntime:
         scope: str | None = None,
         drain_interval: float = 0.01,
         ring_pages: int = ProbeConfig().ring_pages,
+        spool_dir: Path | None = None,
+        spool_max_bytes: int = 1 << 30,
+        max_memory: int = 512 << 20,
         credentials: Credentials | None = None,
     ) -> None:
         self.ring_pages = ring_pages
@@ -90,8 +95,17 @@ class AgentRuntime:
         self.drain_interval = drain_interval
         self.stop_event = threading.Event()
         self.credentials = credentials or Credentials()
-        self._channel = open_channel(collector, self.credentials)
-        self.shipper = Shipper(self._channel, self.agent_id, node, self._drops)
+        self._channel = open_channel(collector, self.credentials, options=KEEPALIVE_OPTIONS)
+        self.shipper = Shipper(
+            self._channel,
+            self.agent_id,
+            node,
+            self._drops,
+            spool=open_spool(spool_dir, spool_max_bytes),
+            # The queue in memory gets a sixteenth of the cap; past it, batches go to disk.
+            spill_bytes=max(1 << 20, max_memory // 16),
+            memory_cap=max_memory,
+        )
         self.running: dict[str, Running] = {}
         self._ended: set[str] = set()  # expired or stopped here: never restarted
         self._desired: dict[str, tuple[sessions_pb2.Session, float]] | None = None
@@ -116,8 +130,9 @@ class AgentRuntime:
                 )
             )
         lost = self.shipper.lost.get(session_id, 0)
-        if lost:
-            rows.append(events_pb2.DropCounter(kind="*", lost_agent=lost))
+        lost_spool = self.shipper.lost_spool.get(session_id, 0)
+        if lost or lost_spool:
+            rows.append(events_pb2.DropCounter(kind="*", lost_agent=lost, lost_spool=lost_spool))
         return rows
 
     # -- sessions from the collector -----------------------------------------------------
@@ -219,8 +234,20 @@ class AgentRuntime:
             for sid in list(self.running):
                 self._end(sid)
             if not self.shipper.close(timeout=10.0):
-                log.warning("%d events not shipped at exit", self.shipper.pending())
+                where = "left in the spool for the next start" if self.shipper.spool else "lost"
+                log.warning("%d events not shipped at exit: %s", self.shipper.pending(), where)
             self._channel.close()
+
+
+def open_spool(directory: Path | None, max_bytes: int) -> Spool | None:
+    if directory is None:
+        return None
+    try:
+        return Spool(directory, max_bytes)
+    except SpoolError as e:
+        raise QtraceError(
+            str(e), "pass --spool-dir a writable directory only this agent uses"
+        ) from None
 
 
 def default_node() -> str:

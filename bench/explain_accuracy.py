@@ -88,7 +88,8 @@ def main() -> None:
         col, line = start(["collector", "run", "--db", f"{d}/b.duckdb", "--listen",
                            "127.0.0.1:0"], "listening")  # fmt: skip
         addr = "127.0.0.1:" + line.split(":")[-1].split(",")[0]
-        agent, _ = start(["agent", "run", "--collector", addr, "--node", "bench"], "agent")
+        agent, _ = start(["agent", "run", "--collector", addr, "--node", "bench",
+                          "--spool-dir", f"{d}/spool"], "agent")  # fmt: skip
         try:
             with (
                 Cluster(tmp / "old-a") as old_a,

@@ -409,6 +409,10 @@ def serve(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Agents ping every 10 s to notice a partition; without these, a quiet stream
+            # (no acks to send) makes those pings "abuse" and the server hangs up.
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
     )
     services_pb2_grpc.add_AgentServiceServicer_to_server(collector, server)

@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS anomalies (
 ALTER TABLE batches ADD COLUMN IF NOT EXISTS final BOOLEAN DEFAULT false;
 ALTER TABLE batches ADD COLUMN IF NOT EXISTS error VARCHAR;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS request BLOB;
+ALTER TABLE drops ADD COLUMN IF NOT EXISTS lost_spool UBIGINT DEFAULT 0;
 """
 
 EVENT_SCHEMA = pa.schema(
@@ -111,8 +112,10 @@ EVENT_SCHEMA = pa.schema(
     ]
 )
 
-COUNTERS = ("produced", "received", "lost_ringbuf", "lost_mapfull", "filtered", "lost_agent")
-LOSSES = ("lost_ringbuf", "lost_mapfull", "lost_agent")
+COUNTERS = (
+    "produced", "received", "lost_ringbuf", "lost_mapfull", "filtered", "lost_agent", "lost_spool"
+)  # fmt: skip
+LOSSES = ("lost_ringbuf", "lost_mapfull", "lost_agent", "lost_spool")
 
 DROP_SCHEMA = pa.schema(
     [("session_id", pa.string()), ("agent_id", pa.string()), ("kind", pa.string())]

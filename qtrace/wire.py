@@ -128,6 +128,7 @@ def drops_to_json(drops: Any) -> dict[str, dict[str, int]]:
             "lost_ringbuf": d.lost_ringbuf,
             "lost_mapfull": d.lost_mapfull,
             "lost_agent": d.lost_agent,
+            "lost_spool": d.lost_spool,
             "filtered": d.filtered,
         }
         for d in drops

@@ -110,7 +110,17 @@ class LoggedAgent:
         self.log = log
         with log.open("w") as f:
             self.proc = subprocess.Popen(
-                [QTRACE, "agent", "run", "--collector", addr, "--node", "refused"],
+                [
+                    QTRACE,
+                    "agent",
+                    "run",
+                    "--collector",
+                    addr,
+                    "--node",
+                    "refused",
+                    "--spool-dir",
+                    str(log.with_suffix(".spool")),
+                ],  # one spool per agent
                 stdout=subprocess.DEVNULL,
                 stderr=f,
                 env={**base, **env},
