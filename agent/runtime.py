@@ -64,7 +64,12 @@ def spec_for(s: sessions_pb2.Session, scope: str | None) -> TargetSpec:
 def probe_config_for(s: sessions_pb2.Session, ring_pages: int) -> ProbeConfig:
     groups = frozenset(s.probes) or ProbeConfig().groups
     cap = (s.capture.max_bytes or 1024) if s.capture.requests else ProbeConfig().capture_bytes
-    return ProbeConfig(ring_pages=ring_pages, capture_bytes=cap, groups=groups)
+    return ProbeConfig(
+        ring_pages=ring_pages,
+        capture_bytes=cap,
+        groups=groups,
+        max_event_rate=s.max_event_rate,
+    )
 
 
 def extractor_for(s: sessions_pb2.Session) -> QueryIdExtractor:
@@ -127,6 +132,7 @@ class AgentRuntime:
                     lost_ringbuf=r["lost_ringbuf"],
                     lost_mapfull=r["lost_mapfull"],
                     filtered=r["filtered"],
+                    shed=r["shed"],
                 )
             )
         lost = self.shipper.lost.get(session_id, 0)

@@ -196,18 +196,26 @@ def explain(
 
     _blame_downstream(out["findings"], hops)
     out["findings"].sort(key=lambda f: f["score"], reverse=True)
-    drops = [a for a in store.session_stats(session_id) if a.dropped]
+    stats = store.session_stats(session_id)
+    drops = [a for a in stats if a.dropped]
     if drops:
         lost = sum(a.dropped for a in drops)
         reasons.append(
             f"{lost} events of this session were lost on {', '.join(a.node for a in drops)}: "
             "some of this query's may be among them"
         )
+    shedding = [a for a in stats if a.shed]
+    if shedding:
+        reasons.append(
+            f"{sum(a.shed for a in shedding)} events of this session were over its event-rate "
+            f"limit on {', '.join(a.node for a in shedding)} and were only counted (one in 64 "
+            "kept as a sample): raise --max-event-rate or narrow the targets"
+        )
     if "sched" not in groups:
         reasons.append("on_cpu is null: the session did not trace the sched group")
     if "memory" not in groups:
         reasons.append("page_fault is null: the session did not trace the memory group")
-    out["completeness"]["complete"] = not truncated and not drops
+    out["completeness"]["complete"] = not truncated and not drops and not shedding
     alignment = (aligner or Aligner(store)).alignment(session_id)
     _align(out, alignment.shifts)
     uncertainty = store.clock_uncertainty(session_id)

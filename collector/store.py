@@ -84,6 +84,7 @@ ALTER TABLE batches ADD COLUMN IF NOT EXISTS final BOOLEAN DEFAULT false;
 ALTER TABLE batches ADD COLUMN IF NOT EXISTS error VARCHAR;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS request BLOB;
 ALTER TABLE drops ADD COLUMN IF NOT EXISTS lost_spool UBIGINT DEFAULT 0;
+ALTER TABLE drops ADD COLUMN IF NOT EXISTS shed UBIGINT DEFAULT 0;
 """
 
 EVENT_SCHEMA = pa.schema(
@@ -113,7 +114,8 @@ EVENT_SCHEMA = pa.schema(
 )
 
 COUNTERS = (
-    "produced", "received", "lost_ringbuf", "lost_mapfull", "filtered", "lost_agent", "lost_spool"
+    "produced", "received", "lost_ringbuf", "lost_mapfull", "filtered", "lost_agent", "lost_spool",
+    "shed",
 )  # fmt: skip
 LOSSES = ("lost_ringbuf", "lost_mapfull", "lost_agent", "lost_spool")
 
@@ -543,6 +545,7 @@ class Store:
                     batches=n_batches,
                     drops=agent_drops,
                     dropped=sum(getattr(d, c) for d in agent_drops for c in LOSSES),
+                    shed=sum(d.shed for d in agent_drops),
                     complete=final,
                     error=error,
                 )

@@ -64,6 +64,14 @@ def start(
     ] = False,
     capture_bodies: Annotated[bool, typer.Option(help="Keep request bodies too.")] = False,
     capture_bytes: Annotated[int, typer.Option(help="Bytes kept per request.")] = 1024,
+    max_event_rate: Annotated[
+        int,
+        typer.Option(
+            help="Events/s per node leaving the kernel; over it they are counted and sampled "
+            "(never slowing the traced service). 0: the collector's default, 200000.",
+            min=0,
+        ),
+    ] = 0,
     collector: CollectorOpt = DEFAULT_ADDR,
     fmt: FormatOpt = DEFAULT_FORMAT,
 ) -> None:
@@ -92,6 +100,7 @@ def start(
                 bodies=capture_bodies,
                 max_bytes=capture_bytes,
             ),
+            max_event_rate=max_event_rate,
         )
         with control(collector) as call:
             s = call("StartSession", req)
@@ -162,16 +171,16 @@ def status(
         return
     out.print(_sessions_table([obj]))
     t = Table(title="per agent", title_justify="left")
-    for col in ("node", "agent", "events stored", "batches", "dropped", "state"):
+    for col in ("node", "agent", "events stored", "batches", "dropped", "shed", "state"):
         t.add_column(col, justify="right" if col not in ("node", "agent", "state") else "left")
     for a in obj["agents"]:
-        style = "red" if a["dropped"] or a["error"] else None
+        style = "red" if a["dropped"] or a["error"] else "yellow" if a["shed"] else None
         state = (
             f"failed: {a['error']}" if a["error"] else "complete" if a["complete"] else "tracing"
         )
         t.add_row(
             a["node"], a["agent_id"], str(a["events_stored"]), str(a["batches"]),
-            str(a["dropped"]), state, style=style,
+            str(a["dropped"]), str(a["shed"]), state, style=style,
         )  # fmt: skip
     out.print(t)
 
