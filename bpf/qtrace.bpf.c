@@ -1023,9 +1023,12 @@ int qt_mm_acquired(struct tracepoint__mmap_lock__mmap_lock_acquire_returned *arg
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	u64 mm = (u64)args->mm, now = bpf_ktime_get_ns();
-	if (!args->success)
-		return 0;
 	struct qt_mmwait *wp = mmwait.lookup(&tid);
+	if (!args->success) {
+		if (wp) /* a trylock that failed: no wait, and no stale entry to hide sleeps */
+			mmwait.delete(&tid);
+		return 0;
+	}
 	if (wp) {
 		struct qt_mmwait w = *wp;
 		mmwait.delete(&tid);

@@ -172,7 +172,9 @@ def explain(
         if base["queries"] >= MIN_BASELINE:
             found: dict[str, dict[str, Any]] = {}
             for cat in (*MEASURED, "on_cpu", "other"):
-                value = breakdown[cat] or 0
+                # Waits of parallel threads add up past the hop's own time: a hop cannot
+                # have lost more than it lasted.
+                value = min(breakdown[cat] or 0, h["end_ns"] - h["start_ns"])
                 excess = value - max(base[cat]["p99"], base[cat]["p50"])
                 if excess < MIN_EXCESS_NS or excess / query_total < THRESHOLD:
                     continue
@@ -190,9 +192,9 @@ def explain(
         )
         files = [t for t in unusual if t.startswith("/")]
         if files and base["queries"] >= MIN_BASELINE:
-            out["findings"].append(
-                _unusual_files(store, query_id, hop, files, hop_events, query_tids)
-            )
+            found_file = _unusual_files(store, query_id, hop, files, hop_events, query_tids)
+            if found_file is not None:
+                out["findings"].append(found_file)
 
     _blame_downstream(out["findings"], hops)
     out["findings"].sort(key=lambda f: f["score"], reverse=True)
@@ -247,11 +249,22 @@ def _blame_downstream(findings: list[dict[str, Any]], hops: list[dict[str, Any]]
             ours, theirs = conn.split("->", 1)
             served_by[f"{theirs}->{ours}"] = h
     slow = {(f["hop"]["node"], f["hop"]["pid"]) for f in findings if f["category"] != "network"}
+    by_key = {(h["node"], h["pid"]): h for h in hops}
     for f in findings:
         if f["category"] != "network":
             continue
         for ev in f["evidence"]:
             down = served_by.get(ev["target"] or "")
+            if down is None:
+                # Not reached directly (a proxy, a load balancer between): a hop of the same
+                # query with its own finding, served while this one waited.
+                down = next(
+                    (by_key[k] for k in slow
+                     if k != (f["hop"]["node"], f["hop"]["pid"]) and k in by_key
+                     and by_key[k]["start_ns"] < ev["ts_ns"] + ev["dur_ns"]
+                     and ev["ts_ns"] < by_key[k]["end_ns"]),
+                    None,
+                )  # fmt: skip
             if down is not None and (down["node"], down["pid"]) in slow:
                 f["score"] = round(f["score"] * 0.5, 3)
                 f["summary"] += (
@@ -358,7 +371,7 @@ def _excess_finding(
             "runqueue": k == "runq",
             "lock": g == "lock" or k == "mmap_lock",
             "page_fault": k == "page_fault",
-            "other": k == "offcpu",
+            "other": k == "offcpu" or g == "other",
         }.get(cat, False)
 
     relevant = [ne for ne in hop_events if relevant_to(ne)]
@@ -457,18 +470,19 @@ def _unusual_files(
     files: list[str],
     hop_events: list[services_pb2.NodeEvent],
     query_tids: set[int],
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     used = [ne for ne in hop_events if ne.event.target in files]
     others = store.window_events(hop["node"], hop["start_ns"] - 1_000_000_000, hop["end_ns"],
                                  files, query_id)  # fmt: skip
     writers = [
         ne for ne in others if ne.event.kind.startswith(("pwrite", "write", "rename", "ftruncate"))
     ]
-    culprits = _culprits(writers or others, query_tids)
-    who = ""
-    if writers:
-        c = culprits[0]
-        who = f"; {c['comm']} (pid {c['pid']}, tid {c['tid']}) was writing it"
+    if not writers:
+        # Merely unusual (a module loaded lazily, a cache file): not evidence of anything.
+        return None
+    culprits = _culprits(writers, query_tids)
+    c = culprits[0] if culprits else {"comm": "?", "pid": 0, "tid": 0}
+    who = f"; {c['comm']} (pid {c['pid']}, tid {c['tid']}) was writing it"
     return {
         "category": "storage",
         # Reading a file that no normal query reads changes results, not just latency: it

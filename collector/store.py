@@ -347,12 +347,14 @@ class Store:
                 FILTER (WHERE e.grp = 'lock' OR e.kind = 'mmap_lock'), 0),
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
                 FILTER (WHERE e.kind = 'page_fault'), 0),
+              -- asleep outside traced syscalls, or in a pipe's (the kernel stops tracing a
+              -- pipe once the agent has told it what the fd is)
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
-                FILTER (WHERE e.kind = 'offcpu'), 0),
+                FILTER (WHERE e.kind = 'offcpu' OR e.grp = 'other'), 0),
               -- the request thread asleep while its own helper threads waited on something
               -- (a fan-out joining its sub-requests) is not a cause of its own
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
-                FILTER (WHERE e.kind = 'offcpu' AND e.tid = s.tid), 0),
+                FILTER (WHERE (e.kind = 'offcpu' OR e.grp = 'other') AND e.tid = s.tid), 0),
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
                 FILTER (WHERE e.tid <> s.tid AND e.kind <> 'block_rq' AND e.kind <> 'offcpu'
                   AND e.grp IN ('net', 'storage', 'lock', 'sched', 'memory')), 0)

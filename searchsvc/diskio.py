@@ -8,11 +8,11 @@ but never written extent reads as zeros without touching the disk), starts
 line:
 
 * ``storm MS``: (a) drop the ``--evict`` files (a leaf's index) from the page
-  cache (``fdatasync`` so no page is dirty, then
-  ``posix_fadvise(POSIX_FADV_DONTNEED)``; any process that can open a file may
+  cache (``posix_fadvise(POSIX_FADV_DONTNEED)``, the files having been flushed
+  once at start so that no page is dirty; any process that can open a file may
   do this), then (b) have every reader thread issue random O_DIRECT reads of
-  ``B`` KiB from the scratch file, back to back.  Once every reader has
-  completed one read of this storm (so the disk queue is full), print
+  ``B`` KiB from the scratch file, back to back.  Once every reader is
+  issuing its reads of this storm (the victim must not wait longer), print
   ``storming EVICTED START_NS END_NS`` and go on reading until ``MS``
   milliseconds (at most :data:`MAX_STORM_MS`) from then, or later if a storm is
   already running longer: how many of the evicted files' pages were in the page
@@ -112,8 +112,8 @@ def evict(fds: list[int]) -> int:
     before = after = 0
     for fd in fds:
         before += resident_pages(fd)
-        # DONTNEED skips dirty pages; the leaf's index is only read, so this is cheap.
-        os.fdatasync(fd)
+        # DONTNEED skips dirty pages; the leaf's index is only read, and was flushed at
+        # start (a flush now would wait behind the storm's queue, and the victim for it).
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         after += resident_pages(fd)
     return before - after
@@ -166,7 +166,7 @@ class Readers:
             t.start()
 
     def storm(self, ms: int) -> StormWindow:
-        """Start reading; return once every reader has completed a read of this
+        """Start reading; return once every reader is issuing its reads of this
         storm, and keep reading until ``ms`` from then (or longer if already
         storming)."""
         with self._cond:
@@ -201,13 +201,13 @@ class Readers:
                 if self._closing:
                     return
                 generation = self._generation
+                # Confirmed as it issues its first read of the storm, not once that read
+                # is done: the victim's wait for us would otherwise be part of its query.
+                if confirmed != generation:
+                    confirmed = generation
+                    self._confirmed += 1
+                    self._cond.notify_all()
             os.preadv(self._fd, [buf], rng.randrange(self._blocks) * self._block)
-            if confirmed != generation:
-                confirmed = generation
-                with self._cond:
-                    if generation == self._generation:
-                        self._confirmed += 1
-                        self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in args.evict:
             fds.append(os.open(path, os.O_RDONLY))
+            os.fdatasync(fds[-1])  # freshly built: make every page clean, so evictable
         write_scratch(args.scratch, args.size_mb)
         readers = Readers(args.scratch, args.threads, args.block_kb * 1024)
         say("ready")
