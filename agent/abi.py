@@ -100,6 +100,7 @@ FDINFO_FIELDS = (
     ("req_key", "Q"),
     ("type", "B"),
     ("last_dir", "B"),
-    ("_pad", "2s"),
+    ("node", "B"),
+    ("_pad", "B"),
     ("captured", "I"),
 )

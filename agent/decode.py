@@ -13,6 +13,7 @@ from agent.clock import WallClock
 from agent.extract import QueryIdExtractor
 from agent.fdresolve import FdResolver, sockaddr_str
 from agent.groups import NET_KINDS
+from agent.memmaps import MemoryMaps
 from agent.model import Event
 
 _TCP_STATES = (
@@ -36,6 +37,8 @@ _NEW_CONN = (_K["accept"], _K["accept4"], _K["connect"])
 _PATH_ONLY = (_K["unlink"], _K["unlinkat"])
 _RENAMES = (_K["rename"], _K["renameat2"])
 _TCP = (_K["inet_sock_set_state"], _K["tcp_retransmit_skb"])
+_MEMORY = (_K["page_fault"], _K["mmap_lock"])
+_PROC_PID = re.compile(r"^/proc/(\d+)(/|$)")
 
 
 def _cstr(b: bytes) -> str:
@@ -108,6 +111,13 @@ class Decoder:
         self.lock_paths: set[str] = set()
         self.context_skipped = 0
         self.is_target: Callable[[int, int], bool] = lambda tgid, cgroup_id: True
+        # Node group: the targets' files are taught to the kernel as they show up, and
+        # what neighbours did to them is kept (what merely shares a base name is not).
+        self.node_context = False
+        self.watch_file: Callable[[str], None] = lambda path: None
+        self.unwatch_fd: Callable[[int, int], None] = lambda tgid, fd: None
+        self.watched: set[str] = set()
+        self.maps = MemoryMaps()
         self._tgids: dict[int, int] = {}
         self.extractor = extractor
         self.resolver = resolver
@@ -173,6 +183,20 @@ class Decoder:
                 "running_tid": arg0,
                 "running_comm": running,
             }
+        elif kind == _K["page_fault"]:
+            target = self.maps.name_at(tgid, int(arg0))
+            detail = {"address": hex(arg0), "fault_ns": self.clock.to_wall(int(arg1))}
+        elif kind == _K["mmap_lock"]:
+            holder_tid = int(arg0) & 0xFFFFFFFF
+            target = f"mmap_lock of pid {tgid}"
+            detail = {"write": bool(arg1 & 1)}
+            if holder_tid:
+                detail |= {
+                    "holder_pid": int(arg0) >> 32,
+                    "holder_tid": holder_tid,
+                    "holder_comm": _cstr(payload),
+                    "holder_write": bool(arg1 & 2),
+                }
         elif kind == _K["block_rq"]:
             dev = arg1 >> 32
             major, minor = dev >> 20, dev & 0xFFFFF
@@ -180,7 +204,8 @@ class Decoder:
             detail = {"sector": arg0, "sectors": arg1 & 0xFFFFFFFF}
         elif kind == _K["openat"]:
             path = _cstr(payload)
-            target = res.opened(tgid, fd, path, int(arg0), ts_exit) if ret >= 0 else path
+            dirfd = ((int(arg0) & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000  # an int: AT_FDCWD < 0
+            target = res.opened(tgid, fd, path, dirfd, ts_exit) if ret >= 0 else path
         elif kind in _NEW_CONN:
             peer = sockaddr_str(payload) if pkind == abi.P_SOCKADDR else None
             if ret >= 0 or ret == -115:
@@ -217,14 +242,22 @@ class Decoder:
 
         if name in NET_KINDS or fdtype in _SOCK_TYPES:
             group = "net"
-        elif name == "runq":
+        elif name in ("runq", "offcpu"):
             group = "sched"
+        elif kind in _MEMORY:
+            group = "memory"
         elif name == "flock":
             group = "lock"
         elif fdtype == abi.FD_OTHER:
             group = "other"  # pipes, eventfds, ttys: neither network nor storage
         else:
             group = "storage"
+            if (
+                self.node_context
+                and kind != _K["block_rq"]
+                and not self._node_kept(tgid, cgroup_id, fd, kind, target)
+            ):
+                return None
         return Event(
             ts_ns=self.clock.to_wall(ts_enter),
             dur_ns=ts_exit - ts_enter,
@@ -244,6 +277,29 @@ class Decoder:
             detail=detail,
             request=request,
         )
+
+    def _node_kept(self, tgid: int, cgroup_id: int, fd: int, kind: int, target: str | None) -> bool:
+        """Node group: a target's file becomes watched; a neighbour's event stays only if
+        it touched a watched file or a traced process's /proc entry."""
+        if not target:
+            return True
+        paths = target.split(" => ") if kind in _RENAMES else [target]
+        if self.is_target(tgid, cgroup_id):
+            for path in paths:
+                if path.startswith("/") and path not in self.watched and "/proc/" not in path:
+                    self.watched.add(path)
+                    self.watch_file(path)
+            return True
+        if kind == _K["flock"]:
+            return True  # lock context filters itself
+        for path in paths:
+            m = _PROC_PID.match(path)
+            if path in self.watched or (m and self.is_target(int(m.group(1)), -1)):
+                return True
+        if kind == _K["openat"] and fd >= 0:
+            self.unwatch_fd(tgid, fd)  # same base name, another file: stop following it
+        self.context_skipped += 1
+        return False
 
     def _capture(self, key: int, payload: bytes, start: bool) -> bytes | None:
         """Assemble a request from its reads; the whole of it rides on the event of the

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from agent import abi
-from agent.groups import PROBE_GROUPS
+from agent.groups import DEFAULT_GROUPS, PROBE_GROUPS
 
 # Syscall kinds share one enter/exit program pair each: qt_e_<name> / qt_x_<name>.
-_TRACEPOINT_KINDS = {"inet_sock_set_state", "tcp_retransmit_skb", "block_rq", "exec", "runq"}
+_TRACEPOINT_KINDS = {
+    "inet_sock_set_state",
+    "tcp_retransmit_skb",
+    "block_rq",
+    "exec",
+    "runq",
+    "offcpu",
+    "page_fault",
+    "mmap_lock",
+}
 SYSCALL_KINDS = tuple(name for name in abi.KINDS if name not in _TRACEPOINT_KINDS)
 PROGRAM_PREFIX = "qt_"
 
@@ -32,8 +42,13 @@ SCHED = (
     ("qt_switch", "sched:sched_switch"),
 )
 BLOCK = (
-    ("qt_blk_issue", "block:block_rq_issue"),
+    ("qt_blk_queue", "block:block_bio_queue"),
     ("qt_blk_complete", "block:block_rq_complete"),
+)
+MMAP_LOCK = (
+    ("qt_mm_start", "mmap_lock:mmap_lock_start_locking"),
+    ("qt_mm_acquired", "mmap_lock:mmap_lock_acquire_returned"),
+    ("qt_mm_released", "mmap_lock:mmap_lock_released"),
 )
 
 
@@ -41,7 +56,8 @@ BLOCK = (
 class ProbeConfig:
     ring_pages: int = 1024  # 4 MiB: ~40k events between two drains
     capture_bytes: int = abi.DEFAULT_CAP_BYTES
-    groups: frozenset[str] = frozenset(PROBE_GROUPS)
+    groups: frozenset[str] = frozenset(DEFAULT_GROUPS)
+    max_event_rate: int = 0  # events/s leaving the kernel, per node; 0: no limit
 
     def kinds(self) -> frozenset[str]:
         return frozenset().union(*(PROBE_GROUPS[g] for g in self.groups))
@@ -57,8 +73,12 @@ class ProbeConfig:
         out += [_KIND_PROGRAMS[k] for k in sorted(_KIND_PROGRAMS) if k in kinds]
         if "block_rq" in kinds:
             out += BLOCK
-        if "runq" in kinds:
-            out += SCHED
+        if kinds & {"runq", "offcpu", "page_fault"}:
+            out += SCHED  # sleeps end at a wakeup; CPU waits start at one
+        if "page_fault" in kinds:
+            out.append(("qt_pagefault", "exceptions:page_fault_user"))
+        if "mmap_lock" in kinds:
+            out += MMAP_LOCK
         return out + list(LIFECYCLE)
 
     def cflags(self) -> list[str]:
@@ -66,8 +86,19 @@ class ProbeConfig:
             f"-I{abi.BPF_DIR}",
             f"-DQT_RB_PAGES={self.ring_pages}",
             f"-DQT_CAP_BYTES={self.capture_bytes}",
+            f"-DQT_SCHED={int('sched' in self.groups)}",
+            f"-DQT_MEMORY={int('memory' in self.groups)}",
+            f"-DQT_NODE={int('node' in self.groups)}",
             "-Wno-macro-redefined",
         ]
+
+
+def name_hash(path: str) -> int:
+    """FNV-1a of a path's last component, as bpf/qtrace.bpf.c computes it."""
+    h = 2166136261
+    for c in path.encode().rsplit(b"/", 1)[-1]:
+        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
+    return h
 
 
 class Probes:
@@ -138,6 +169,27 @@ class Probes:
     def lock_context(self, on: bool) -> None:
         """Trace file locks of every process on the node (holders are neighbours)."""
         self._bpf[b"config"][ctypes.c_int(2)] = ctypes.c_uint64(1 if on else 0)
+
+    def watch_file(self, path: str, st_dev: int) -> None:
+        """Node group: neighbours touching this file (by base name, checked in user space
+        against the full path), and every process's I/O on its disk, become events."""
+        self._bpf[b"watched_names"][ctypes.c_uint32(name_hash(path))] = ctypes.c_uint8(1)
+        dev = (os.major(st_dev) << 20) | os.minor(st_dev)  # the kernel's dev_t encoding
+        with contextlib.suppress(Exception):  # a full map: that disk's I/O is not seen
+            self._bpf[b"watched_devs"][ctypes.c_uint32(dev)] = ctypes.c_uint8(1)
+
+    def unwatch_fd(self, tgid: int, fd: int) -> None:
+        """A neighbour's fd whose base name matched but whose file is not a target's."""
+        leaf = self._fds.Leaf()
+        leaf.type = abi.FD_OTHER
+        with contextlib.suppress(Exception):
+            self._fds[self._fds.Key(tgid, fd)] = leaf
+
+    def limit_rate(self, events_per_s: int) -> None:
+        """Cap what leaves the kernel (0: no cap), spread evenly over the CPUs; the rest
+        is counted as ``shed``, with one in 64 still shipped as a sample."""
+        per_cpu = -(-events_per_s // (os.cpu_count() or 1)) if events_per_s > 0 else 0
+        self._bpf[b"config"][ctypes.c_int(3)] = ctypes.c_uint64(per_cpu)
 
     def capture_requests(self, on: bool) -> None:
         """Follow requests past their first read until QT_CAP_BYTES are shipped."""

@@ -13,16 +13,19 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from agent.extract import QueryIdExtractor
 from agent.model import Event
 from agent.probes import ProbeConfig
-from agent.shipper import Shipper
+from agent.shipper import KEEPALIVE_OPTIONS, Shipper
+from agent.spool import Spool, SpoolError
 from agent.targets import TargetSpec
 from agent.tracer import Tracer
 from qtrace.api.v1 import events_pb2, services_pb2_grpc, sessions_pb2
+from qtrace.channel import Credentials, describe, open_channel
 from qtrace.errors import QtraceError
 from qtrace.redact import Redactor
 
@@ -68,7 +71,12 @@ def spec_for(s: sessions_pb2.Session, scope: str | None) -> TargetSpec:
 def probe_config_for(s: sessions_pb2.Session, ring_pages: int) -> ProbeConfig:
     groups = frozenset(s.probes) or ProbeConfig().groups
     cap = (s.capture.max_bytes or 1024) if s.capture.requests else ProbeConfig().capture_bytes
-    return ProbeConfig(ring_pages=ring_pages, capture_bytes=cap, groups=groups)
+    return ProbeConfig(
+        ring_pages=ring_pages,
+        capture_bytes=cap,
+        groups=groups,
+        max_event_rate=s.max_event_rate,
+    )
 
 
 def extractor_for(s: sessions_pb2.Session) -> QueryIdExtractor:
@@ -86,6 +94,10 @@ class AgentRuntime:
         scope: str | None = None,
         drain_interval: float = 0.01,
         ring_pages: int = ProbeConfig().ring_pages,
+        spool_dir: Path | None = None,
+        spool_max_bytes: int = 1 << 30,
+        max_memory: int = 512 << 20,
+        credentials: Credentials | None = None,
     ) -> None:
         self.ring_pages = ring_pages
         self.collector = collector
@@ -94,8 +106,18 @@ class AgentRuntime:
         self.agent_id = f"{node}-{uuid.uuid4().hex[:8]}"
         self.drain_interval = drain_interval
         self.stop_event = threading.Event()
-        self._channel = grpc.insecure_channel(collector)
-        self.shipper = Shipper(self._channel, self.agent_id, node, self._drops)
+        self.credentials = credentials or Credentials()
+        self._channel = open_channel(collector, self.credentials, options=KEEPALIVE_OPTIONS)
+        self.shipper = Shipper(
+            self._channel,
+            self.agent_id,
+            node,
+            self._drops,
+            spool=open_spool(spool_dir, spool_max_bytes),
+            # The queue in memory gets a sixteenth of the cap; past it, batches go to disk.
+            spill_bytes=max(1 << 20, max_memory // 16),
+            memory_cap=max_memory,
+        )
         self.running: dict[str, Running] = {}
         self._ended: set[str] = set()  # expired or stopped here: never restarted
         self._desired: dict[str, tuple[sessions_pb2.Session, float]] | None = None
@@ -117,11 +139,13 @@ class AgentRuntime:
                     lost_ringbuf=r["lost_ringbuf"],
                     lost_mapfull=r["lost_mapfull"],
                     filtered=r["filtered"],
+                    shed=r["shed"],
                 )
             )
         lost = self.shipper.lost.get(session_id, 0)
-        if lost:
-            rows.append(events_pb2.DropCounter(kind="*", lost_agent=lost))
+        lost_spool = self.shipper.lost_spool.get(session_id, 0)
+        if lost or lost_spool:
+            rows.append(events_pb2.DropCounter(kind="*", lost_agent=lost, lost_spool=lost_spool))
         return rows
 
     # -- sessions from the collector -----------------------------------------------------
@@ -129,11 +153,12 @@ class AgentRuntime:
     def _watch(self) -> None:
         stub = services_pb2_grpc.AgentServiceStub(self._channel)
         backoff = 0.05
+        said = ""
         req = sessions_pb2.WatchSessionsRequest(agent_id=self.agent_id, node=self.node)
         while not self.stop_event.is_set():
             try:
                 for update in stub.WatchSessions(req):
-                    backoff = 0.05
+                    backoff, said = 0.05, ""
                     now = time.monotonic()
                     desired = {
                         s.id: (s, now + max(0.0, (s.expires_ns - update.collector_ns) / 1e9))
@@ -144,7 +169,11 @@ class AgentRuntime:
                     if self.stop_event.is_set():
                         return
             except grpc.RpcError as e:
-                log.info("session watch: %s; retrying", e.code())
+                # Once per distinct problem: a refused certificate would otherwise fill the log.
+                problem = str(describe(e, self.collector, self.credentials))
+                if problem != said:
+                    log.warning("%s; retrying", problem)
+                    said = problem
             # While the collector is away, the sessions we have keep running until their
             # own deadlines.
             self.stop_event.wait(backoff)
@@ -218,8 +247,20 @@ class AgentRuntime:
             for sid in list(self.running):
                 self._end(sid)
             if not self.shipper.close(timeout=10.0):
-                log.warning("%d events not shipped at exit", self.shipper.pending())
+                where = "left in the spool for the next start" if self.shipper.spool else "lost"
+                log.warning("%d events not shipped at exit: %s", self.shipper.pending(), where)
             self._channel.close()
+
+
+def open_spool(directory: Path | None, max_bytes: int) -> Spool | None:
+    if directory is None:
+        return None
+    try:
+        return Spool(directory, max_bytes)
+    except SpoolError as e:
+        raise QtraceError(
+            str(e), "pass --spool-dir a writable directory only this agent uses"
+        ) from None
 
 
 def default_node() -> str:

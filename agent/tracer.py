@@ -88,8 +88,13 @@ class Tracer:
             probes.watch_exec(True)
         if self.capture[0]:
             probes.capture_requests(True)
+        probes.limit_rate(self.probe_config.max_event_rate)
         if "flock" in self.probe_config.kinds():
             probes.lock_context(True)
+        if "node" in self.probe_config.groups:
+            decoder.node_context = True
+            decoder.watch_file = self._watch_file
+            decoder.unwatch_fd = probes.unwatch_fd
         self.rescan()
         return self
 
@@ -113,6 +118,14 @@ class Tracer:
             self._fds.close()
             self.sink.close()
             self._probes = None
+
+    def _watch_file(self, path: str) -> None:
+        assert self._probes is not None
+        try:
+            st_dev = os.stat(path).st_dev
+        except OSError:
+            return  # gone already: nobody can touch it any more
+        self._probes.watch_file(path, st_dev)
 
     # -- targets ---------------------------------------------------------------------------
 
@@ -181,6 +194,8 @@ class Tracer:
         # "other" (pipes and the like, seen once before the kernel learns to skip them)
         # belongs to no probe group and is kept whatever the session asked for.
         keep = groups | {"other"} | ({"lock"} if "storage" in groups else set())
+        if "node" in groups:
+            keep |= {"storage", "lock"}
         events = [e for e in map(decode, records) if e is not None and e.group in keep]
         self.sink.write(events)
         self.events_out += len(events)
@@ -218,6 +233,7 @@ class Tracer:
             "produced": sum(r["produced"] for r in kinds.values()),
             "received": sum(received.values()),
             "lost": lost,
+            "shed": sum(r["shed"] for r in kinds.values()),
             "written": self.events_out,
             "kinds": kinds,
             "targets": sorted(self._targets),

@@ -21,6 +21,17 @@
 #define QT_MAX_FDS 262144
 #endif
 
+/* Probe groups compiled in (agent/probes.py sets them from the session's groups). */
+#ifndef QT_SCHED
+#define QT_SCHED 1
+#endif
+#ifndef QT_MEMORY
+#define QT_MEMORY 1
+#endif
+#ifndef QT_NODE
+#define QT_NODE 0
+#endif
+
 #define QT_EINPROGRESS 115
 #define QT_TCP_ESTABLISHED 1
 #define QT_TCP_CLOSE 7
@@ -73,13 +84,25 @@ BPF_HASH(traced_ports, u16, u8, 1024);   /* listening ports of traced tasks */
 /* LRU: sockets whose close we never see must not fill these for good. */
 BPF_TABLE("lru_hash", u64, u32, traced_socks, 65536); /* struct sock * -> tgid */
 BPF_TABLE("lru_hash", u64, u64, sock_since, 65536);   /* struct sock * -> phase start */
-/* [0]: report execs (name targets); [1]: capture requests; [2]: node-wide lock context */
+/* [0]: report execs (name targets); [1]: capture requests; [2]: node-wide lock context;
+ * [3]: the session's event-rate limit per CPU, events/s (0: none) */
 BPF_ARRAY(config, u64, 4);
+
+/* Per CPU token bucket of the rate limit. Over the limit, events are counted (shed) and
+ * one in QT_SAMPLE_EVERY still leaves: the traced service never waits for qtrace. */
+struct qt_bucket {
+	u64 last;
+	u64 milli; /* tokens, in thousandths of an event */
+	u64 over;
+};
+BPF_PERCPU_ARRAY(bucket, struct qt_bucket, 1);
+#define QT_SAMPLE_EVERY 64
+#define QT_BURST_MS 100 /* a burst of this long at the full rate passes */
 
 BPF_HASH(inflight, u32, struct qt_inflight, QT_MAX_THREADS);
 BPF_HASH(threads, u32, struct qt_thread, QT_MAX_THREADS);
 BPF_HASH(fds, struct qt_fdkey, struct qt_fdinfo, QT_MAX_FDS);
-BPF_HASH(blk, struct qt_blkkey, struct qt_blkinfo, 8192);
+BPF_TABLE("lru_hash", struct qt_blkkey, struct qt_blkinfo, blk, 8192);
 BPF_HASH(runq, u32, struct qt_runq, QT_MAX_THREADS);
 
 /* Per CPU: since when the current task runs, and the longest slice that ended lately.
@@ -99,6 +122,55 @@ BPF_PERCPU_ARRAY(cpu_top, struct qt_slice, 1);
 #ifndef QT_RUNQ_MIN_NS
 #define QT_RUNQ_MIN_NS 100000 /* shorter waits are counted, not shipped */
 #endif
+/* Sleeps of request threads outside traced syscalls (sched and memory groups). */
+struct qt_pf {
+	u64 ts;
+	u64 addr;
+};
+struct qt_sleep {
+	u64 since;
+	u64 addr;     /* page faults: the faulting address */
+	u64 fault_ts; /* page faults: when the fault began */
+	u32 tgid;
+	u16 kind;     /* QT_K_PAGE_FAULT or QT_K_OFFCPU */
+	u16 _pad;
+};
+BPF_HASH(pfault, u32, struct qt_pf, QT_MAX_THREADS);
+BPF_HASH(asleep, u32, struct qt_sleep, QT_MAX_THREADS);
+#define QT_PF_RECENT_NS 1000000ULL /* a fault that sleeps does so within this */
+#define QT_PF_MIN_NS 20000ULL
+
+/* mmap_lock: who holds each traced process's lock, and who of ours waits for it. */
+struct qt_holder {
+	u64 ts;
+	u64 released;
+	u32 tgid;
+	u32 tid;
+	u8 write;
+	u8 _pad[7];
+	char comm[16];
+};
+struct qt_mmwait {
+	u64 ts;
+	u64 mm;
+	u8 write;
+	u8 _pad[7];
+	struct qt_holder holder; /* at the start of the wait: a holder may be gone by its end */
+};
+BPF_TABLE("lru_hash", u64, u8, mm_watch, 4096); /* LRU: a dead mm is never seen leaving */
+BPF_TABLE("lru_hash", u64, struct qt_holder, mm_holder, 4096);   /* the latest to take it */
+BPF_TABLE("lru_hash", u64, struct qt_holder, mm_released, 4096); /* the latest to let it go */
+BPF_HASH(mmwait, u32, struct qt_mmwait, QT_MAX_THREADS);
+#define QT_MMLOCK_MIN_NS 20000ULL
+
+/* Node group: hashes of the base names of the targets' files, and their disks. */
+BPF_HASH(watched_names, u32, u8, 65536);
+BPF_HASH(watched_devs, u32, u8, 64);
+struct qt_path {
+	u8 b[QT_CAP_BYTES];
+};
+BPF_PERCPU_ARRAY(scratch, struct qt_path, 1);
+
 BPF_ARRAY(keyseq, u64, 1);
 BPF_PERCPU_ARRAY(counters, u64, QT_K_MAX * QT_C_MAX);
 
@@ -122,9 +194,36 @@ static __always_inline int traced(u32 tgid)
 	return traced_cgroups.lookup(&cg) != 0;
 }
 
+static __always_inline int admit(u16 kind)
+{
+	int three = 3, z = 0;
+	u64 *rate = config.lookup(&three);
+	if (!rate || !*rate)
+		return 1;
+	struct qt_bucket *b = bucket.lookup(&z);
+	if (!b)
+		return 1;
+	u64 now = bpf_ktime_get_ns(), dt = now - b->last;
+	if (dt > 1000000000ULL)
+		dt = 1000000000ULL;
+	b->last = now;
+	u64 milli = b->milli + dt * *rate / 1000000, cap = *rate * QT_BURST_MS;
+	b->milli = milli > cap ? cap : milli;
+	if (b->milli >= 1000) {
+		b->milli -= 1000;
+		return 1;
+	}
+	if (++b->over % QT_SAMPLE_EVERY == 0)
+		return 1;
+	count(kind, QT_C_SHED);
+	return 0;
+}
+
 static __always_inline struct qt_event *reserve(u16 kind, int big)
 {
 	struct qt_event *e;
+	if (!admit(kind))
+		return 0;
 	count(kind, QT_C_PRODUCED);
 	if (big)
 		e = events.ringbuf_reserve(sizeof(struct qt_event) + QT_CAP_BYTES);
@@ -158,20 +257,40 @@ static __always_inline int is_read_kind(u16 kind)
 
 /* ---- syscall enter: remember the arguments until the exit ---- */
 
-static __always_inline int node_wide(u16 kind)
+static __always_inline int is_path_kind(u16 kind)
 {
-	if (kind != QT_K_FLOCK)
-		return 0;
-	int two = 2;
-	u64 *on = config.lookup(&two);
-	return on && *on;
+	return kind == QT_K_OPENAT || kind == QT_K_RENAME || kind == QT_K_RENAMEAT2 ||
+	       kind == QT_K_UNLINK || kind == QT_K_UNLINKAT;
+}
+
+/* A syscall of an untraced task that still matters: a file lock (lock context), or in
+ * the node group a path operation (kept at exit only if it names a target's file or
+ * /proc entry) and any fd operation on a file of the targets. */
+static __always_inline int node_wide(u16 kind, u32 tgid, s32 fd)
+{
+	if (kind == QT_K_FLOCK) {
+		int two = 2;
+		u64 *on = config.lookup(&two);
+		if (on && *on)
+			return 1;
+	}
+#if QT_NODE
+	if (is_path_kind(kind))
+		return 1;
+	if (fd >= 0) {
+		struct qt_fdkey k = {.tgid = tgid, .fd = fd};
+		struct qt_fdinfo *fi = fds.lookup(&k);
+		return fi && fi->node;
+	}
+#endif
+	return 0;
 }
 
 static __always_inline int on_enter(u16 kind, s32 fd, u64 a0, u64 a1, u64 p0, u64 p1)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32, tid = (u32)id;
-	if (!traced(tgid) && !node_wide(kind))
+	if (!traced(tgid) && !node_wide(kind, tgid, fd))
 		return 0;
 
 	u8 fdtype = QT_FD_UNKNOWN;
@@ -246,6 +365,65 @@ static __always_inline u64 first_buffer(u16 kind, u64 p0, u64 *cap)
 	return p0;
 }
 
+/* ---- node group: which of a neighbour's paths matter ---- */
+
+#if QT_NODE
+/* FNV-1a of the last path component: relative and absolute paths of a file agree on it,
+ * and user space checks the full path of whatever passes (agent/decode.py). */
+static __always_inline u32 name_hash(const u8 *p)
+{
+	u32 h = 2166136261u;
+	for (int i = 0; i < QT_CAP_BYTES; i++) {
+		u8 c = p[i];
+		if (c == 0)
+			break;
+		if (c == '/') {
+			h = 2166136261u;
+		} else {
+			h ^= c;
+			h *= 16777619u;
+		}
+	}
+	return h;
+}
+
+/* 1: a file of the targets (by name); 2: a /proc entry of a traced process. */
+static __always_inline int watched_path(const u8 *p)
+{
+	if (p[0] == '/' && p[1] == 'p' && p[2] == 'r' && p[3] == 'o' && p[4] == 'c' &&
+	    p[5] == '/') {
+		u32 pid = 0;
+		int i, digits = 0;
+		for (i = 6; i < 16; i++) {
+			u8 c = p[i];
+			if (c < '0' || c > '9')
+				break;
+			pid = pid * 10 + (c - '0');
+			digits++;
+		}
+		if (digits && traced_tgids.lookup(&pid))
+			return 2;
+	}
+	u32 h = name_hash(p);
+	return watched_names.lookup(&h) ? 1 : 0;
+}
+
+static __always_inline int neighbour_path(u16 kind, struct qt_inflight *f)
+{
+	int z = 0;
+	struct qt_path *sp = scratch.lookup(&z);
+	if (!sp)
+		return 0;
+	int w = 0;
+	if (bpf_probe_read_user_str(sp->b, sizeof(sp->b), (void *)f->p0) > 0)
+		w = watched_path(sp->b);
+	if (!w && (kind == QT_K_RENAME || kind == QT_K_RENAMEAT2) &&
+	    bpf_probe_read_user_str(sp->b, sizeof(sp->b), (void *)f->p1) > 0)
+		w = watched_path(sp->b);
+	return w;
+}
+#endif
+
 /* ---- syscall exit: build and submit the event ---- */
 
 static __always_inline int on_exit(u16 exit_kind, long ret)
@@ -280,10 +458,22 @@ static __always_inline int on_exit(u16 exit_kind, long ret)
 	struct qt_fdinfo *fi = 0;
 	struct qt_fdkey k = {.tgid = tgid, .fd = fd};
 
+	int nb = 0; /* a neighbour's path operation that the node group keeps */
+#if QT_NODE
+	if (is_path_kind(kind) && !traced(tgid)) {
+		nb = neighbour_path(kind, &f);
+		if (!nb || (kind == QT_K_OPENAT && ret < 0)) {
+			count(kind, QT_C_FILTERED);
+			return 0;
+		}
+	}
+#endif
+
 	/* New fds: record what they are so later syscalls on them can be classified. */
 	if ((kind == QT_K_ACCEPT || kind == QT_K_ACCEPT4 || kind == QT_K_OPENAT) && ret >= 0) {
 		struct qt_fdinfo nfi = {};
 		nfi.type = kind == QT_K_OPENAT ? QT_FD_FILE : QT_FD_SOCK_IN;
+		nfi.node = nb != 0;
 		k.fd = (s32)ret;
 		fds.update(&k, &nfi);
 		fd = (s32)ret;
@@ -498,6 +688,9 @@ int qt_exit(struct tracepoint__sched__sched_process_exit *args)
 	threads.delete(&tid);
 	runq.delete(&tid);
 	inflight.delete(&tid);
+	asleep.delete(&tid);
+	pfault.delete(&tid);
+	mmwait.delete(&tid);
 	u8 *v = traced_tgids.lookup(&tid);
 	if (v && *v == 2)
 		traced_tgids.delete(&tid);
@@ -630,14 +823,26 @@ int qt_retransmit(struct tracepoint__tcp__tcp_retransmit_skb *args)
 			 args->state, 0);
 }
 
-/* ---- block I/O: issue in the submitter's context, completion usually in an interrupt ---- */
+/* ---- block I/O ----
+ * Who asked: block_bio_queue runs in the submitter's context, whereas with an I/O
+ * scheduler the request is issued later by a kworker. The time runs from queueing to
+ * completion (usually in an interrupt), so waiting behind a neighbour's I/O counts. A bio
+ * merged into another request never completes under its own sector: the map is an LRU. */
 
-int qt_blk_issue(struct tracepoint__block__block_rq_issue *args)
+int qt_blk_queue(struct tracepoint__block__block_bio_queue *args)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32, tid = (u32)id;
-	if (!traced(tgid))
+	if (!traced(tgid)) {
+#if QT_NODE
+		/* Node group: everyone's I/O on the targets' disks (who else kept it busy). */
+		u32 dev = args->dev;
+		if (!watched_devs.lookup(&dev))
+			return 0;
+#else
 		return 0;
+#endif
+	}
 	struct qt_blkkey k = {.sector = args->sector, .dev = args->dev};
 	struct qt_blkinfo b = {};
 	b.ts = bpf_ktime_get_ns();
@@ -687,21 +892,89 @@ int qt_blk_complete(struct tracepoint__block__block_rq_complete *args)
 	return 0;
 }
 
-/* ---- CPU waits of request threads (sched group) ----
+/* ---- CPU waits and sleeps of request threads (sched and memory groups) ----
  * Only threads serving a request (those with a request key) are followed, so the cost on
  * every context switch of the node is one or two hash lookups. */
 
 static __always_inline void became_runnable(u32 tid)
 {
+#if QT_SCHED
 	struct qt_thread *t = threads.lookup(&tid);
 	if (!t || !t->req_key)
 		return;
 	struct qt_runq r = {.since = bpf_ktime_get_ns(), .cgroup_id = 0};
 	runq.update(&tid, &r);
+#endif
+}
+
+/* A request thread goes to sleep. Inside a traced syscall that syscall's event has the
+ * time; otherwise it is a page fault's I/O (memory group: a fault just before, and an
+ * uninterruptible sleep) or some other sleep (sched group). */
+static __always_inline void went_to_sleep(u32 tid, u64 now, long state)
+{
+	if (inflight.lookup(&tid) || mmwait.lookup(&tid))
+		return;
+	struct qt_thread *t = threads.lookup(&tid);
+	if (!t || !t->req_key)
+		return;
+	struct qt_sleep sl = {.since = now, .tgid = t->tgid};
+#if QT_MEMORY
+	struct qt_pf *pf = pfault.lookup(&tid);
+	if (pf && (state & 2) && now - pf->ts < QT_PF_RECENT_NS) {
+		sl.kind = QT_K_PAGE_FAULT;
+		sl.addr = pf->addr;
+		sl.fault_ts = pf->ts;
+	}
+#endif
+#if QT_SCHED
+	if (!sl.kind)
+		sl.kind = QT_K_OFFCPU;
+#endif
+	if (sl.kind)
+		asleep.update(&tid, &sl);
+}
+
+/* Woken: the sleep ends here (what follows is a wait for a CPU, traced apart). */
+static __always_inline void woke(u32 tid, const char *comm)
+{
+	struct qt_sleep *sp = asleep.lookup(&tid);
+	if (!sp)
+		return;
+	struct qt_sleep sl = *sp;
+	asleep.delete(&tid);
+	u64 now = bpf_ktime_get_ns();
+	u64 min = sl.kind == QT_K_PAGE_FAULT ? QT_PF_MIN_NS : QT_RUNQ_MIN_NS;
+	if (now - sl.since < min) {
+		count(sl.kind, QT_C_FILTERED);
+		return;
+	}
+	struct qt_thread *t = threads.lookup(&tid);
+	struct qt_event *e = reserve(sl.kind, 0);
+	if (!e)
+		return;
+	e->ts_enter = sl.since;
+	e->ts_exit = now;
+	e->cgroup_id = 0;
+	e->req_key = t ? t->req_key : 0;
+	e->ret = 0;
+	e->arg0 = sl.addr;
+	e->arg1 = sl.fault_ts;
+	e->tgid = sl.tgid;
+	e->tid = tid;
+	e->fd = -1;
+	e->kind = sl.kind;
+	e->fdtype = QT_FD_UNKNOWN;
+	e->flags = t ? t->flags & QT_F_INFERRED : 0;
+	e->payload_len = 0;
+	e->payload_kind = QT_P_NONE;
+	e->record = QT_R_EVENT;
+	bpf_probe_read_kernel(e->comm, sizeof(e->comm), comm);
+	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 int qt_wakeup(struct tracepoint__sched__sched_wakeup *args)
 {
+	woke(args->pid, args->comm);
 	became_runnable(args->pid);
 	return 0;
 }
@@ -709,6 +982,115 @@ int qt_wakeup(struct tracepoint__sched__sched_wakeup *args)
 int qt_wakeup_new(struct tracepoint__sched__sched_wakeup_new *args)
 {
 	became_runnable(args->pid);
+	return 0;
+}
+
+/* ---- memory group: page faults and mmap_lock ---- */
+
+int qt_pagefault(struct tracepoint__exceptions__page_fault_user *args)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct qt_thread *t = threads.lookup(&tid);
+	if (!t || !t->req_key)
+		return 0;
+	struct qt_pf pf = {.ts = bpf_ktime_get_ns(), .addr = args->address};
+	pfault.update(&tid, &pf);
+	return 0;
+}
+
+int qt_mm_start(struct tracepoint__mmap_lock__mmap_lock_start_locking *args)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct qt_thread *t = threads.lookup(&tid);
+	if (!t || !t->req_key)
+		return 0;
+	u64 mm = (u64)args->mm;
+	u8 one = 1;
+	mm_watch.update(&mm, &one);
+	struct qt_mmwait w = {};
+	w.ts = bpf_ktime_get_ns();
+	w.mm = mm;
+	w.write = args->write;
+	struct qt_holder *h = mm_holder.lookup(&mm);
+	if (h && !h->released)
+		w.holder = *h;
+	mmwait.update(&tid, &w);
+	return 0;
+}
+
+int qt_mm_acquired(struct tracepoint__mmap_lock__mmap_lock_acquire_returned *args)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	u64 mm = (u64)args->mm, now = bpf_ktime_get_ns();
+	struct qt_mmwait *wp = mmwait.lookup(&tid);
+	if (!args->success) {
+		if (wp) /* a trylock that failed: no wait, and no stale entry to hide sleeps */
+			mmwait.delete(&tid);
+		return 0;
+	}
+	if (wp) {
+		struct qt_mmwait w = *wp;
+		mmwait.delete(&tid);
+		/* Whoever released the lock during the wait let us in: that is the holder we
+		 * waited for. Failing that, whoever held it when the wait began. */
+		struct qt_holder *r = mm_released.lookup(&mm);
+		if (r && r->ts >= w.ts && r->tid != tid)
+			w.holder = *r;
+		if (now - w.ts < QT_MMLOCK_MIN_NS) {
+			count(QT_K_MMAP_LOCK, QT_C_FILTERED);
+		} else {
+			struct qt_event *e = reserve(QT_K_MMAP_LOCK, 1);
+			if (e) {
+				fill_task(e, id);
+				struct qt_thread *t = threads.lookup(&tid);
+				e->ts_enter = w.ts;
+				e->ts_exit = now;
+				e->req_key = t ? t->req_key : 0;
+				e->flags = t ? t->flags & QT_F_INFERRED : 0;
+				e->ret = 0;
+				e->arg0 = ((u64)w.holder.tgid << 32) | w.holder.tid;
+				e->arg1 = w.write | (w.holder.write << 1);
+				e->fd = -1;
+				e->kind = QT_K_MMAP_LOCK;
+				e->fdtype = QT_FD_UNKNOWN;
+				__builtin_memcpy((u8 *)(e + 1), w.holder.comm, 16);
+				e->payload_len = 16;
+				e->payload_kind = QT_P_COMM;
+				events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+			}
+		}
+	}
+	/* Holders of a traced process's lock, whoever they are: often a neighbour reading
+	 * its /proc entries, or a sibling thread remapping memory. */
+	if (mm_watch.lookup(&mm)) {
+		struct qt_holder h = {};
+		h.ts = now;
+		h.tgid = id >> 32;
+		h.tid = tid;
+		h.write = args->write;
+		bpf_get_current_comm(&h.comm, sizeof(h.comm));
+		mm_holder.update(&mm, &h);
+	}
+	return 0;
+}
+
+int qt_mm_released(struct tracepoint__mmap_lock__mmap_lock_released *args)
+{
+	u64 mm = (u64)args->mm;
+	if (!mm_watch.lookup(&mm))
+		return 0;
+	u64 id = bpf_get_current_pid_tgid(), now = bpf_ktime_get_ns();
+	struct qt_holder *h = mm_holder.lookup(&mm);
+	if (h && h->tid == (u32)id)
+		h->released = now;
+	struct qt_holder r = {};
+	r.ts = now;
+	r.tgid = id >> 32;
+	r.tid = (u32)id;
+	r.write = args->write;
+	bpf_get_current_comm(&r.comm, sizeof(r.comm));
+	mm_released.update(&mm, &r);
 	return 0;
 }
 
@@ -732,10 +1114,15 @@ int qt_switch(struct tracepoint__sched__sched_switch *args)
 	/* Preempted while runnable: it waits from now, with no wakeup to say so. Going to
 	 * sleep: any wakeup recorded while it was still running (the kernel traces those
 	 * too) is void, or the next real wait would seem to start then. */
-	if (args->prev_state == 0)
+	if (args->prev_state == 0) {
 		became_runnable(prev);
-	else
+	} else {
 		runq.delete(&prev);
+		went_to_sleep(prev, sw, args->prev_state);
+	}
+#if !QT_SCHED
+	return 0;
+#endif
 	struct qt_runq *r = runq.lookup(&next);
 	if (!r)
 		return 0;

@@ -67,7 +67,15 @@ enum qt_kind {
 	/* File locks. Node-wide when lock context is on: whoever holds a lock a request
 	 * waits for is usually not a traced process. */
 	QT_K_FLOCK = 38,
-	QT_K_MAX = 39,
+	/* A request thread asleep in a page fault (memory group): a major fault on an
+	 * mmapped file is a storage read the syscalls never show. */
+	QT_K_PAGE_FAULT = 39,
+	/* A request thread waiting for its process's mmap_lock (memory group). */
+	QT_K_MMAP_LOCK = 40,
+	/* A request thread asleep outside any traced syscall (sched group): a sleep, a
+	 * futex, a lock of the runtime. */
+	QT_K_OFFCPU = 41,
+	QT_K_MAX = 42,
 };
 
 /* What an fd is, as far as the kernel side knows (user space teaches it the rest). */
@@ -106,7 +114,8 @@ enum qt_counter {
 	QT_C_LOST_RINGBUF = 1, /* ...lost because the ring buffer was full */
 	QT_C_LOST_MAPFULL = 2, /* ...lost because a tracking map was full */
 	QT_C_FILTERED = 3,     /* syscalls suppressed on fds of no interest (not a loss) */
-	QT_C_MAX = 4,
+	QT_C_SHED = 4,         /* over the session's event-rate limit: counted, not shipped */
+	QT_C_MAX = 5,
 };
 
 /* Record kinds in the ring buffers. */
@@ -154,7 +163,8 @@ struct qt_fdinfo {
 	u64 req_key; /* request currently served on this connection */
 	u8 type;     /* enum qt_fdtype */
 	u8 last_dir; /* 0 none, 1 read, 2 write: a read after a write starts a request */
-	u8 _pad[2];
+	u8 node;     /* a neighbour's fd on a file of the targets (node group) */
+	u8 _pad;
 	u32 captured; /* request bytes shipped so far (capture sessions follow later reads) */
 };
 

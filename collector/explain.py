@@ -9,19 +9,23 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from collector.clocks import Aligner
 from collector.store import Store
 from qtrace.api.v1 import anomalies_pb2, services_pb2
 from qtrace.wire import anomaly_to_json, event_to_json
 
-MEASURED = ("network", "storage", "block_io", "runqueue", "lock")
-# Not measured until the memory probe group exists (and on-CPU time): null, never 0.
-UNMEASURED = ("on_cpu", "page_fault")
+# Waits measured from kernel events. block_io happens inside storage syscalls and page
+# faults, so it is reported but never subtracted twice.
+MEASURED = ("network", "storage", "block_io", "runqueue", "lock", "page_fault")
+WAITS = ("network", "storage", "runqueue", "lock", "page_fault")
 CATEGORY = {
     "network": "network",
     "storage": "storage",
     "block_io": "block_io",
     "runqueue": "cpu",
+    "on_cpu": "cpu",
     "lock": "lock",
+    "page_fault": "memory",
     "other": "other",
 }
 MIN_BASELINE = 20  # fewer normal queries than this: no percentiles, no findings by excess
@@ -42,20 +46,31 @@ def _pct(values: list[int], p: float) -> int:
     return int(values[k])
 
 
-def _breakdown(h: dict[str, Any]) -> dict[str, int | None]:
+def _breakdown(h: dict[str, Any], groups: frozenset[str]) -> dict[str, int | None]:
+    """Where a hop's time went. With the sched group, sleeps outside traced syscalls are
+    measured (``other``) and what is left is on CPU; without it, ``on_cpu`` is unknown
+    and ``other`` is everything not measured."""
     total = h["end_ns"] - h["start_ns"]
     b: dict[str, int | None] = {k: int(h[k]) for k in MEASURED}
-    b["other"] = max(0, total - sum(int(h[k]) for k in MEASURED))
-    for k in UNMEASURED:
-        b[k] = None
+    waits = sum(int(h[k]) for k in WAITS)
+    if "sched" in groups:
+        main, rest = int(h["offcpu_main"]), int(h["offcpu"]) - int(h["offcpu_main"])
+        b["other"] = max(0, main - int(h["waits_others"])) + rest
+        b["on_cpu"] = max(0, total - waits - b["other"])
+    else:
+        b["other"] = max(0, total - waits)
+        b["on_cpu"] = None
+    if "memory" not in groups:
+        b["page_fault"] = None
     return b
 
 
-def _baseline(normal: list[dict[str, Any]]) -> dict[str, Any]:
+def _baseline(normal: list[dict[str, Any]], groups: frozenset[str]) -> dict[str, Any]:
     """Percentiles of a kind of hop's normal queries, per breakdown field."""
     base: dict[str, Any] = {"queries": len(normal)}
-    for cat in (*MEASURED, "other"):
-        vals = [int(v) for v in (_breakdown(b)[cat] for b in normal) if v is not None]
+    rows = [_breakdown(b, groups) for b in normal]
+    for cat in (*MEASURED, "on_cpu", "other"):
+        vals = [int(v) for v in (r[cat] for r in rows) if v is not None]
         base[cat] = {"p50": _pct(vals, 50), "p90": _pct(vals, 90), "p99": _pct(vals, 99)}
     durations = [b["end_ns"] - b["start_ns"] for b in normal]
     base["duration"] = {"p50": _pct(durations, 50), "p99": _pct(durations, 99)}
@@ -77,7 +92,14 @@ def _event(ne: services_pb2.NodeEvent) -> dict[str, Any]:
     }
 
 
-def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly]) -> dict[str, Any]:
+def explain(
+    store: Store,
+    query_id: str,
+    anomalies: list[anomalies_pb2.Anomaly],
+    aligner: Aligner | None = None,
+) -> dict[str, Any]:
+    """Works on the stored clocks (a node's own events compare as they are), then moves
+    every timestamp of the answer onto the happens-before aligned clock."""
     events, truncated = store.query_events(query_id, 100_000)
     if not events and not anomalies:
         raise NotFound(
@@ -102,6 +124,8 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
         reasons.append("no kernel events for this query: it ran outside any trace session")
         return out
     session_id = events[0].session_id
+    session = next((x for x in store.load_sessions() if x.id == session_id), None)
+    groups = frozenset(session.probes if session else ())
     if truncated:
         reasons.append("more than 100000 events: the explanation used the first 100000")
     hops = store.hops(session_id, None, None, [query_id])
@@ -122,7 +146,7 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
     seen_targets: dict[tuple[str, str], set[str]] = {}
 
     for h in sorted(hops, key=lambda h: h["start_ns"]):
-        breakdown = _breakdown(h)
+        breakdown = _breakdown(h, groups)
         hop = {
             "node": h["node"],
             "pod": None,
@@ -137,7 +161,7 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
         out["hops"].append(hop)
         kind = (h["node"], h["comm"])
         if kind not in baselines:
-            baselines[kind] = _baseline(by_kind.get(kind, []))
+            baselines[kind] = _baseline(by_kind.get(kind, []), groups)
             seen_targets[kind] = store.targets_seen(
                 session_id, h["node"], h["comm"], sorted(anomalous)
             )
@@ -146,39 +170,73 @@ def explain(store: Store, query_id: str, anomalies: list[anomalies_pb2.Anomaly])
         hop_events = by_hop[(h["node"], h["pid"])]
         query_tids = {ne.event.tid for ne in hop_events}
         if base["queries"] >= MIN_BASELINE:
-            for cat in (*MEASURED, "other"):
-                value = breakdown[cat] or 0
+            found: dict[str, dict[str, Any]] = {}
+            for cat in (*MEASURED, "on_cpu", "other"):
+                # Waits of parallel threads add up past the hop's own time: a hop cannot
+                # have lost more than it lasted.
+                value = min(breakdown[cat] or 0, h["end_ns"] - h["start_ns"])
                 excess = value - max(base[cat]["p99"], base[cat]["p50"])
                 if excess < MIN_EXCESS_NS or excess / query_total < THRESHOLD:
                     continue
-                out["findings"].append(
-                    _excess_finding(store, query_id, hop, cat, value, base[cat], excess,
-                                    query_total, hop_events, query_tids)
-                )  # fmt: skip
+                found[cat] = _excess_finding(store, query_id, hop, cat, value, base[cat], excess,
+                                             query_total, hop_events, query_tids)  # fmt: skip
+            out["findings"] += _merge_disk_waits(found)
         unusual = sorted(
-            {ne.event.target for ne in hop_events if ne.event.has_target}
+            {
+                ne.event.target
+                for ne in hop_events
+                if ne.event.has_target and ne.event.group == "storage"
+            }
             - seen_targets[kind]
             - {""}
         )
         files = [t for t in unusual if t.startswith("/")]
         if files and base["queries"] >= MIN_BASELINE:
-            out["findings"].append(
-                _unusual_files(store, query_id, hop, files, hop_events, query_tids)
-            )
+            found_file = _unusual_files(store, query_id, hop, files, hop_events, query_tids)
+            if found_file is not None:
+                out["findings"].append(found_file)
 
     _blame_downstream(out["findings"], hops)
     out["findings"].sort(key=lambda f: f["score"], reverse=True)
-    drops = [a for a in store.session_stats(session_id) if a.dropped]
+    stats = store.session_stats(session_id)
+    drops = [a for a in stats if a.dropped]
     if drops:
         lost = sum(a.dropped for a in drops)
         reasons.append(
             f"{lost} events of this session were lost on {', '.join(a.node for a in drops)}: "
             "some of this query's may be among them"
         )
-    reasons.append("on_cpu and page_fault are not measured yet (null)")
-    out["completeness"]["complete"] = not truncated and not drops
-    out["completeness"]["clock_uncertainty_ns"] = store.clock_uncertainty(session_id)
+    shedding = [a for a in stats if a.shed]
+    if shedding:
+        reasons.append(
+            f"{sum(a.shed for a in shedding)} events of this session were over its event-rate "
+            f"limit on {', '.join(a.node for a in shedding)} and were only counted (one in 64 "
+            "kept as a sample): raise --max-event-rate or narrow the targets"
+        )
+    if "sched" not in groups:
+        reasons.append("on_cpu is null: the session did not trace the sched group")
+    if "memory" not in groups:
+        reasons.append("page_fault is null: the session did not trace the memory group")
+    out["completeness"]["complete"] = not truncated and not drops and not shedding
+    alignment = (aligner or Aligner(store)).alignment(session_id)
+    _align(out, alignment.shifts)
+    uncertainty = store.clock_uncertainty(session_id)
+    if alignment.uncertainty_ns:
+        uncertainty = min(uncertainty, alignment.uncertainty_ns)
+    out["completeness"]["clock_uncertainty_ns"] = uncertainty
     return out
+
+
+def _align(out: dict[str, Any], shifts: dict[str, int]) -> None:
+    if not any(shifts.values()):
+        return
+    for hop in out["hops"]:
+        shift = shifts.get(hop["node"], 0)
+        hop["start_ns"] += shift
+        hop["end_ns"] += shift
+    for f in out["findings"]:
+        for ev in f["evidence"]:
+            ev["ts_ns"] += shifts.get(ev["node"], 0)
 
 
 def _blame_downstream(findings: list[dict[str, Any]], hops: list[dict[str, Any]]) -> None:
@@ -191,11 +249,22 @@ def _blame_downstream(findings: list[dict[str, Any]], hops: list[dict[str, Any]]
             ours, theirs = conn.split("->", 1)
             served_by[f"{theirs}->{ours}"] = h
     slow = {(f["hop"]["node"], f["hop"]["pid"]) for f in findings if f["category"] != "network"}
+    by_key = {(h["node"], h["pid"]): h for h in hops}
     for f in findings:
         if f["category"] != "network":
             continue
         for ev in f["evidence"]:
             down = served_by.get(ev["target"] or "")
+            if down is None:
+                # Not reached directly (a proxy, a load balancer between): a hop of the same
+                # query with its own finding, served while this one waited.
+                down = next(
+                    (by_key[k] for k in slow
+                     if k != (f["hop"]["node"], f["hop"]["pid"]) and k in by_key
+                     and by_key[k]["start_ns"] < ev["ts_ns"] + ev["dur_ns"]
+                     and ev["ts_ns"] < by_key[k]["end_ns"]),
+                    None,
+                )  # fmt: skip
             if down is not None and (down["node"], down["pid"]) in slow:
                 f["score"] = round(f["score"] * 0.5, 3)
                 f["summary"] += (
@@ -203,6 +272,43 @@ def _blame_downstream(findings: list[dict[str, Any]], hops: list[dict[str, Any]]
                     "whose own finding explains it"
                 )
                 break
+
+
+def _merge_disk_waits(found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Slow storage syscalls (or page faults) whose excess the disk explains are one cause,
+    the disk: a single block_io finding, with the score of the wait it caused."""
+    blk = found.get("block_io")
+    if blk is not None:
+        for cat in ("storage", "page_fault"):
+            f = found.get(cat)
+            if f is not None and blk["excess_ns"] >= 0.5 * f["excess_ns"]:
+                blk["score"] = max(blk["score"], f["score"])
+                blk["evidence"] = f["evidence"][:3] + blk["evidence"][:3]
+                del found[cat]
+    for f in found.values():
+        del f["excess_ns"]
+    return list(found.values())
+
+
+def _memory_culprits(
+    node: str, waits: list[services_pb2.NodeEvent], ours: set[int]
+) -> list[dict[str, Any]]:
+    """Who held the mmap_lock the query's threads waited for, by time waited."""
+    held: dict[int, dict[str, Any]] = {}
+    for ne in waits:
+        detail = json.loads(ne.event.detail_json or "{}")
+        tid = int(detail.get("holder_tid", 0))
+        if not tid or tid in ours:
+            continue
+        c = held.setdefault(
+            tid,
+            {"node": node, "pod": None, "pid": int(detail.get("holder_pid", tid)), "tid": tid,
+             "comm": detail.get("holder_comm", "?"), "events": 0, "kinds": ["mmap_lock"],
+             "waited_ns": 0},
+        )  # fmt: skip
+        c["events"] += 1
+        c["waited_ns"] += ne.event.dur_ns
+    return sorted(held.values(), key=lambda c: -c["waited_ns"])
 
 
 def _culprits(others: list[services_pb2.NodeEvent], query_tids: set[int]) -> list[dict[str, Any]]:
@@ -256,16 +362,24 @@ def _excess_finding(
     hop_events: list[services_pb2.NodeEvent],
     query_tids: set[int],
 ) -> dict[str, Any]:
-    group = {"network": "net", "storage": "storage", "runqueue": "sched", "lock": "lock"}.get(cat)
-    relevant = [
-        ne
-        for ne in hop_events
-        if (group and ne.event.group == group and ne.event.kind != "block_rq")
-        or (cat == "block_io" and ne.event.kind == "block_rq")
-    ]
+    def relevant_to(ne: services_pb2.NodeEvent) -> bool:
+        k, g = ne.event.kind, ne.event.group
+        return {
+            "network": g == "net",
+            "storage": g == "storage" and k != "block_rq",
+            "block_io": k == "block_rq",
+            "runqueue": k == "runq",
+            "lock": g == "lock" or k == "mmap_lock",
+            "page_fault": k == "page_fault",
+            "other": k == "offcpu" or g == "other",
+        }.get(cat, False)
+
+    relevant = [ne for ne in hop_events if relevant_to(ne)]
     relevant.sort(key=lambda ne: -ne.event.dur_ns)
     evidence = [_event(ne) for ne in relevant[:5]]
     targets = sorted({ne.event.target for ne in relevant[:5] if ne.event.has_target})
+    category = CATEGORY[cat]
+    mmap_lock = bool(relevant) and relevant[0].event.kind == "mmap_lock"
     if cat == "runqueue":
         culprits = _cpu_culprits(hop["node"], relevant, query_tids | {hop["pid"]})
         if not culprits:
@@ -273,17 +387,38 @@ def _excess_finding(
             # the CPU's real taker shows in the waits of the rest of the process.
             waits = store.kind_in_window(hop["node"], hop["start_ns"], hop["end_ns"], "runq")
             culprits = _cpu_culprits(hop["node"], waits, query_tids | {hop["pid"]})
+    elif mmap_lock:
+        category = "memory"
+        culprits = _memory_culprits(
+            hop["node"], [ne for ne in relevant if ne.event.kind == "mmap_lock"], query_tids
+        )
+    elif cat in ("other", "on_cpu"):
+        culprits = []
     else:
         others = store.window_events(hop["node"], hop["start_ns"], hop["end_ns"], targets, query_id)
         if cat == "lock":  # the holders: exclusive lockers, not other shared readers
             others = [ne for ne in others if "LOCK_EX" in ne.event.detail_json]
         culprits = _culprits(others, query_tids)
+    if cat == "page_fault" and targets and targets[0].startswith("/"):
+        category = "storage"  # a fault on a mapped file is a read of that file
     where = f"{hop['comm']} (pid {hop['pid']}) on {hop['node']}"
-    if cat == "other":
+    if cat == "other" and evidence:
+        summary = (
+            f"{where} slept {value / 1e6:.1f} ms outside any traced syscall (normal p99 "
+            f"{base['p99'] / 1e6:.1f} ms), longest {evidence[0]['dur_ns'] / 1e6:.1f} ms: "
+            "a sleep, a futex or a lock of its runtime, not a wait for CPU, network, "
+            "storage or memory"
+        )
+    elif cat == "other":
         summary = (
             f"{where} spent {value / 1e6:.1f} ms outside traced syscalls and CPU waits "
-            f"(normal p99 {base['p99'] / 1e6:.1f} ms): on CPU, in a lock, asleep or on a "
-            "pipe; the memory probe group (not yet available) will tell locks apart"
+            f"(normal p99 {base['p99'] / 1e6:.1f} ms): on CPU or asleep; trace the sched "
+            "group to tell them apart"
+        )
+    elif cat == "on_cpu":
+        summary = (
+            f"{where} ran {value / 1e6:.1f} ms on CPU (normal p99 {base['p99'] / 1e6:.1f} "
+            "ms) without waiting: the work itself was heavier"
         )
     else:
         top = evidence[0] if evidence else None
@@ -302,6 +437,15 @@ def _excess_finding(
                 f"{where} waited {value / 1e6:.1f} ms for a file lock on {targets[0]} "
                 f"(normal p99 {base['p99'] / 1e6:.1f} ms) held by {c['comm']} (pid {c['pid']})"
             )
+        if mmap_lock and culprits:
+            c = culprits[0]
+            summary = (
+                f"{where} waited {value / 1e6:.1f} ms for its mmap_lock (normal p99 "
+                f"{base['p99'] / 1e6:.1f} ms) held by {c['comm']} (pid {c['pid']})"
+            )
+        if cat == "block_io" and culprits:
+            c = culprits[0]
+            summary += f"; {c['comm']} (pid {c['pid']}) kept the same disk busy"
         if cat == "runqueue" and culprits:
             c = culprits[0]
             summary = (
@@ -309,8 +453,9 @@ def _excess_finding(
                 f"{base['p99'] / 1e6:.1f} ms) while {c['comm']} (pid {c['pid']}) had it"
             )
     return {
-        "category": CATEGORY[cat],
+        "category": category,
         "score": round(min(1.0, excess / query_total), 3),
+        "excess_ns": excess,
         "summary": summary,
         "hop": {"node": hop["node"], "pid": hop["pid"], "comm": hop["comm"]},
         "evidence": evidence,
@@ -325,18 +470,19 @@ def _unusual_files(
     files: list[str],
     hop_events: list[services_pb2.NodeEvent],
     query_tids: set[int],
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     used = [ne for ne in hop_events if ne.event.target in files]
     others = store.window_events(hop["node"], hop["start_ns"] - 1_000_000_000, hop["end_ns"],
                                  files, query_id)  # fmt: skip
     writers = [
         ne for ne in others if ne.event.kind.startswith(("pwrite", "write", "rename", "ftruncate"))
     ]
-    culprits = _culprits(writers or others, query_tids)
-    who = ""
-    if writers:
-        c = culprits[0]
-        who = f"; {c['comm']} (pid {c['pid']}, tid {c['tid']}) was writing it"
+    if not writers:
+        # Merely unusual (a module loaded lazily, a cache file): not evidence of anything.
+        return None
+    culprits = _culprits(writers, query_tids)
+    c = culprits[0] if culprits else {"comm": "?", "pid": 0, "tid": 0}
+    who = f"; {c['comm']} (pid {c['pid']}, tid {c['tid']}) was writing it"
     return {
         "category": "storage",
         # Reading a file that no normal query reads changes results, not just latency: it

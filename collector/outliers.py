@@ -13,15 +13,19 @@ from collections import defaultdict
 from collector.store import Store
 from qtrace.api.v1 import anomalies_pb2
 
-# Slower than this many times the session's p95 for that kind of hop (the bulk: real
-# anomalies are one in thousands or rarer, so they do not move the p95)...
+# Slower than this many times the session's p75 for that kind of hop: the bulk. A
+# quartile still describes it when slow queries are far from rare (one fault per leaf can
+# touch a tenth of a fan-out's queries), where a p95 would already be one of them...
 DEFAULT_FACTOR = 5.0
-MIN_EXCESS_NS = 50_000_000  # ...and at least this much slower than the median
+DEFAULT_MIN_EXCESS_NS = 20_000_000  # ...and at least this much slower than the median
 MIN_QUERIES = 50  # fewer queries of a kind of hop than this: no distribution to judge by
 
 
 def detect(
-    store: Store, session_id: str, factor: float = DEFAULT_FACTOR
+    store: Store,
+    session_id: str,
+    factor: float = DEFAULT_FACTOR,
+    min_excess_ns: int = DEFAULT_MIN_EXCESS_NS,
 ) -> list[anomalies_pb2.Anomaly]:
     """New `latency` anomalies for the session (queries already flagged so are skipped)."""
     groups: dict[tuple[str, str], list[tuple[str, int, int]]] = defaultdict(list)
@@ -40,15 +44,15 @@ def detect(
             continue
         durations = sorted(d for _q, _p, d in hops)
         median = statistics.median(durations)
-        p95 = durations[int(0.95 * (len(durations) - 1))]
-        limit = max(p95 * factor, median + MIN_EXCESS_NS)
+        p75 = durations[int(0.75 * (len(durations) - 1))]
+        limit = max(p75 * factor, median + min_excess_ns)
         for qid, pid, dur in hops:
             if dur > limit and qid not in known:
                 ratio = dur / max(median, 1)
                 if ratio > worst.get(qid, (0.0, {}))[0]:
                     worst[qid] = (ratio, {"node": node, "comm": comm, "pid": pid,
                                           "latency_ns": dur, "median_ns": int(median),
-                                          "p95_ns": p95, "limit_ns": int(limit),
+                                          "p75_ns": p75, "limit_ns": int(limit),
                                           "factor": round(ratio, 1)})  # fmt: skip
     now = time.time_ns()
     return [

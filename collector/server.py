@@ -17,8 +17,11 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from collector.audit import AuditLog, default_path
+from collector.auth import Access, AuthInterceptor, Security
+from collector.clocks import Aligner
 from collector.explain import NotFound, explain
-from collector.outliers import DEFAULT_FACTOR, detect
+from collector.outliers import DEFAULT_FACTOR, DEFAULT_MIN_EXCESS_NS, detect
 from collector.sessions import SessionError, SessionRegistry, UnknownSession
 from collector.store import Store
 from qtrace.api.v1 import (
@@ -137,14 +140,17 @@ def add_agent_service(collector: Collector, server: grpc.Server) -> None:
 
 
 class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.ControlServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, access: Access | None = None) -> None:
         self.store = store
-        self.sessions = SessionRegistry(store.load_sessions(), store.save_session)
+        self.access = access or Access()
+        self.sessions = SessionRegistry(store.load_sessions(), self._save_session)
         self.agents: dict[str, AgentState] = {}
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()
+        self.aligner = Aligner(store)
         self._stopping = threading.Event()
         self.latency_factor = DEFAULT_FACTOR
+        self.latency_min_excess_ns = DEFAULT_MIN_EXCESS_NS
 
     # -- AgentService ----------------------------------------------------------------------
 
@@ -239,10 +245,17 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
     def StartSession(
         self, request: services_pb2.StartSessionRequest, context: grpc.ServicerContext
     ) -> sessions_pb2.Session:
+        request = self.access.authorize_start(request, context)
         try:
             s = self.sessions.start(request)
         except SessionError as e:
+            self._audit("session.start", "invalid", None, context, reason=str(e))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not self._audit("session.start", "ok", s, context):
+            self.sessions.stop(s.id)  # nothing runs that the audit log does not show
+            context.abort(
+                grpc.StatusCode.INTERNAL, "the audit log cannot be written: see the collector's log"
+            )
         log.info("session %s started by %s", s.id, s.started_by)
         return s
 
@@ -250,9 +263,35 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         self, request: services_pb2.SessionRequest, context: grpc.ServicerContext
     ) -> sessions_pb2.Session:
         try:
-            return self.sessions.stop(request.session_id)
+            s = self.sessions.get(request.session_id)
         except UnknownSession as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        self.access.authorize_stop(s, context)
+        was_active = s.state == sessions_pb2.SESSION_STATE_ACTIVE
+        s = self.sessions.stop(s.id)
+        if was_active:
+            self._audit("session.stop", "ok", s, context)
+        return s
+
+    def _save_session(self, s: sessions_pb2.Session) -> None:
+        self.store.save_session(s)
+        if s.state == sessions_pb2.SESSION_STATE_EXPIRED:
+            self._audit("session.expire", "ok", s, None)
+
+    def _audit(
+        self,
+        event: str,
+        outcome: str,
+        s: sessions_pb2.Session | None,
+        context: grpc.ServicerContext | None,
+        **more: str,
+    ) -> bool:
+        try:
+            self.access.record(event, outcome, s, context, **more)
+        except OSError as e:
+            log.error("audit log: %s", e)
+            return False
+        return True
 
     def GetSession(
         self, request: services_pb2.SessionRequest, context: grpc.ServicerContext
@@ -309,7 +348,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query_id is empty")
         limit = request.limit or DEFAULT_QUERY_LIMIT
         with self._store_lock:
-            events, truncated = self.store.query_events(request.query_id, limit)
+            events, truncated, _ = self.aligner.events(request.query_id, limit)
         return services_pb2.QueryEventsResponse(
             query_id=request.query_id, events=events, truncated=truncated
         )
@@ -322,7 +361,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         with self._store_lock:
             anomalies = self.store.list_anomalies(query_id=request.query_id)
             try:
-                result = explain(self.store, request.query_id, anomalies)
+                result = explain(self.store, request.query_id, anomalies, self.aligner)
             except NotFound as e:
                 context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return services_pb2.ExplainResponse(json=json.dumps(result))
@@ -394,7 +433,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
                 if n == seen.get(s.id) or n == 0:
                     continue
                 seen[s.id] = n
-                new = detect(self.store, s.id, self.latency_factor)
+                new = detect(self.store, s.id, self.latency_factor, self.latency_min_excess_ns)
                 if new:
                     self.store.add_anomalies(new, time.time_ns())
                     found += len(new)
@@ -405,15 +444,26 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         self.sessions.close()
 
 
-def serve(listen: str, db: Path) -> tuple[grpc.Server, Collector, int]:
+def serve(
+    listen: str, db: Path, security: Security | None = None
+) -> tuple[grpc.Server, Collector, int]:
     """Start serving; returns the server, the servicer and the bound port."""
+    security = security or Security()
+    security.check(listen)
+    audit = AuditLog(security.audit_log or default_path(db))
+    access = Access(security.config, audit, security.insecure)
     store = Store(db)
-    collector = Collector(store)
+    collector = Collector(store, access)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="qtrace-rpc"),
+        interceptors=[AuthInterceptor(access)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Agents ping every 10 s to notice a partition; without these, a quiet stream
+            # (no acks to send) makes those pings "abuse" and the server hangs up.
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
     )
     add_agent_service(collector, server)
@@ -427,9 +477,13 @@ def serve(listen: str, db: Path) -> tuple[grpc.Server, Collector, int]:
         reflection.SERVICE_NAME,
     ]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(listen)
+    if security.tls is not None:
+        port = server.add_secure_port(listen, security.tls.credentials())
+    else:
+        port = server.add_insecure_port(listen)
     if port == 0:
         store.close()
+        audit.close()
         raise OSError(f"cannot listen on {listen}")
     server.start()
     threading.Thread(target=collector.watch_latency, name="qtrace-latency", daemon=True).start()

@@ -83,6 +83,8 @@ CREATE TABLE IF NOT EXISTS anomalies (
 ALTER TABLE batches ADD COLUMN IF NOT EXISTS final BOOLEAN DEFAULT false;
 ALTER TABLE batches ADD COLUMN IF NOT EXISTS error VARCHAR;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS request BLOB;
+ALTER TABLE drops ADD COLUMN IF NOT EXISTS lost_spool UBIGINT DEFAULT 0;
+ALTER TABLE drops ADD COLUMN IF NOT EXISTS shed UBIGINT DEFAULT 0;
 """
 
 EVENT_SCHEMA = pa.schema(
@@ -111,8 +113,11 @@ EVENT_SCHEMA = pa.schema(
     ]
 )
 
-COUNTERS = ("produced", "received", "lost_ringbuf", "lost_mapfull", "filtered", "lost_agent")
-LOSSES = ("lost_ringbuf", "lost_mapfull", "lost_agent")
+COUNTERS = (
+    "produced", "received", "lost_ringbuf", "lost_mapfull", "filtered", "lost_agent", "lost_spool",
+    "shed",
+)  # fmt: skip
+LOSSES = ("lost_ringbuf", "lost_mapfull", "lost_agent", "lost_spool")
 
 DROP_SCHEMA = pa.schema(
     [("session_id", pa.string()), ("agent_id", pa.string()), ("kind", pa.string())]
@@ -339,7 +344,20 @@ class Store:
                 FILTER (WHERE e.kind = 'runq'), 0)
               + coalesce(max(x.early_ns), 0),
               coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
-                FILTER (WHERE e.grp = 'lock'), 0)
+                FILTER (WHERE e.grp = 'lock' OR e.kind = 'mmap_lock'), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'page_fault'), 0),
+              -- asleep outside traced syscalls, or in a pipe's (the kernel stops tracing a
+              -- pipe once the agent has told it what the fd is)
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.kind = 'offcpu' OR e.grp = 'other'), 0),
+              -- the request thread asleep while its own helper threads waited on something
+              -- (a fan-out joining its sub-requests) is not a cause of its own
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE (e.kind = 'offcpu' OR e.grp = 'other') AND e.tid = s.tid), 0),
+              coalesce(sum(least(e.ev_end, s.end_ns) - e.ts_ns)
+                FILTER (WHERE e.tid <> s.tid AND e.kind <> 'block_rq' AND e.kind <> 'offcpu'
+                  AND e.grp IN ('net', 'storage', 'lock', 'sched', 'memory')), 0)
             FROM spans s LEFT JOIN (
               SELECT *, ts_ns + dur_ns AS ev_end FROM ev
             ) e ON e.query_id = s.query_id AND e.node = s.node
@@ -349,7 +367,8 @@ class Store:
         with self._lock:
             rows = self._con.execute(sql, params).fetchall()
         keys = ("query_id", "node", "pid", "tid", "comm", "start_ns", "end_ns", "network",
-                "storage", "block_io", "events", "conn", "runqueue", "lock")  # fmt: skip
+                "storage", "block_io", "events", "conn", "runqueue", "lock", "page_fault",
+                "offcpu", "offcpu_main", "waits_others")  # fmt: skip
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def targets_seen(
@@ -398,6 +417,39 @@ class Store:
                 [node, kind, end_ns, start_ns, limit],
             ).fetchall()
         return [node_event(r) for r in rows]
+
+    def happens_before(self, session_id: str, sample: int = 200_000) -> list[tuple[str, str, int]]:
+        """(writer node X, reader node Y, bound): the shift of Y's clock minus X's must
+        exceed ``bound``, since bytes written on a connection on X (first write's start)
+        arrive before the read that receives them on Y ends. From the session's latest
+        cross-node exchanges of the same query on the same connection."""
+        with self._lock:
+            rows = self._con.execute(
+                """
+                WITH net AS (
+                  SELECT query_id, node, target, kind, ts_ns, ts_ns + dur_ns AS te FROM events
+                  WHERE session_id = ? AND query_id IS NOT NULL AND grp = 'net'
+                    AND contains(target, '->') AND kind IN ('write', 'writev', 'sendto',
+                      'sendmsg', 'read', 'readv', 'recvfrom', 'recvmsg')
+                  ORDER BY ts_ns DESC LIMIT ?
+                ),
+                w AS (
+                  SELECT query_id, node, target, min(ts_ns) AS t FROM net
+                  WHERE kind IN ('write', 'writev', 'sendto', 'sendmsg') GROUP BY ALL
+                ),
+                r AS (
+                  SELECT query_id, node, target, min(te) AS t FROM net
+                  WHERE kind IN ('read', 'readv', 'recvfrom', 'recvmsg') GROUP BY ALL
+                )
+                SELECT w.node, r.node, max(w.t - r.t) FROM w JOIN r
+                  ON w.query_id = r.query_id AND w.node <> r.node
+                  AND r.target = split_part(w.target, '->', 2) || '->'
+                    || split_part(w.target, '->', 1)
+                GROUP BY ALL
+                """,
+                [session_id, sample],
+            ).fetchall()
+        return [(str(a), str(b), int(bound)) for a, b, bound in rows]
 
     def clock_uncertainty(self, session_id: str) -> int:
         with self._lock:
@@ -495,6 +547,7 @@ class Store:
                     batches=n_batches,
                     drops=agent_drops,
                     dropped=sum(getattr(d, c) for d in agent_drops for c in LOSSES),
+                    shed=sum(d.shed for d in agent_drops),
                     complete=final,
                     error=error,
                 )

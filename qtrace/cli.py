@@ -8,7 +8,9 @@ from qtrace.commands import (
     agent,
     anomaly,
     capture,
+    certs,
     collector,
+    credentials,
     explain,
     query,
     replay,
@@ -22,11 +24,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.callback()(credentials.options)
 app.add_typer(agent.app, name="agent")
 app.add_typer(collector.app, name="collector")
 app.add_typer(session.app, name="session")
 app.add_typer(query.app, name="query")
 app.add_typer(anomaly.app, name="anomaly")
+app.add_typer(certs.app, name="certs")
 app.command("status")(query.status)
 app.command("anomalies")(anomaly.anomalies)
 app.command("replay")(replay.replay)

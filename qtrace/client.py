@@ -9,9 +9,22 @@ from typing import Any
 import grpc
 
 from qtrace.api.v1 import services_pb2_grpc
+from qtrace.channel import Credentials, describe, open_channel
 from qtrace.errors import QtraceError
 
 DEFAULT_COLLECTOR = "127.0.0.1:7070"
+
+# Set once per command from the global --tls-*/--token options (see qtrace.cli).
+_credentials: Credentials | None = None
+
+
+def use_credentials(creds: Credentials) -> None:
+    global _credentials
+    _credentials = creds
+
+
+def credentials() -> Credentials:
+    return _credentials if _credentials is not None else Credentials.from_env()
 
 
 def parse_addr(addr: str, listening: bool = False) -> str:
@@ -23,12 +36,17 @@ def parse_addr(addr: str, listening: bool = False) -> str:
     return addr
 
 
+def channel(addr: str) -> grpc.Channel:
+    """A channel to the collector with this command's credentials."""
+    return open_channel(parse_addr(addr), credentials())
+
+
 @contextmanager
 def control(addr: str, timeout: float = 10.0) -> Iterator[Callable[[str, Any], Any]]:
     """Yields ``call(method_name, request)``."""
     target = parse_addr(addr)
-    channel = grpc.insecure_channel(target)
-    stub = services_pb2_grpc.ControlServiceStub(channel)
+    ch = channel(target)
+    stub = services_pb2_grpc.ControlServiceStub(ch)
 
     def call(method: str, request: Any) -> Any:
         try:
@@ -39,14 +57,8 @@ def control(addr: str, timeout: float = 10.0) -> Iterator[Callable[[str, Any], A
     try:
         yield call
     finally:
-        channel.close()
+        ch.close()
 
 
 def rpc_error(e: grpc.RpcError, target: str) -> QtraceError:
-    code = e.code()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return QtraceError(
-            f"cannot reach the collector at {target}",
-            "start it with `qtrace collector run` or point --collector at it",
-        )
-    return QtraceError(f"collector: {e.details()}")
+    return describe(e, target, credentials())

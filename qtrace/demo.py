@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,12 @@ def main() -> int:
     m = re.search(r":(\d+),", line)
     assert m
     addr = f"127.0.0.1:{m.group(1)}"
-    agent, _ = start(["agent", "run", "--collector", addr, "--node", "demo-node"], "agent")
+    spool = out / "demo-spool"  # batches of an earlier demo belong to its deleted store
+    shutil.rmtree(spool, ignore_errors=True)
+    agent, _ = start(
+        ["agent", "run", "--collector", addr, "--node", "demo-node", "--spool-dir", str(spool)],
+        "agent",
+    )
     console.print(f"[bold]collector[/] {addr} (store {db}), [bold]agent[/] on demo-node")
     channel = grpc.insecure_channel(addr)
     ctl = services_pb2_grpc.ControlServiceStub(channel)

@@ -88,6 +88,7 @@ def session_to_json(s: sessions_pb2.Session) -> dict[str, Any]:
             "pods": list(t.pods),
         },
         "probes": list(s.probes),
+        "max_event_rate": s.max_event_rate or None,
         "extractor": {"regex": ex.regex}
         if ex.WhichOneof("how") == "regex"
         else {"header": ex.header or "X-Query-Id"},
@@ -118,6 +119,7 @@ def stats_to_json(a: services_pb2.SessionAgentStats) -> dict[str, Any]:
         "batches": a.batches,
         "duplicate_batches": a.duplicates,
         "dropped": a.dropped,
+        "shed": a.shed,
         "complete": a.complete,
         "error": a.error or None,
         "drops": drops_to_json(a.drops),
@@ -132,7 +134,9 @@ def drops_to_json(drops: Any) -> dict[str, dict[str, int]]:
             "lost_ringbuf": d.lost_ringbuf,
             "lost_mapfull": d.lost_mapfull,
             "lost_agent": d.lost_agent,
+            "lost_spool": d.lost_spool,
             "filtered": d.filtered,
+            "shed": d.shed,
         }
         for d in drops
     }

@@ -1,5 +1,5 @@
 """``python -m searchsvc --data DIR [--port P] [--host H] [--fault-rate F]
-[--faults stale-index,deadline,cpu-starved] [--deadline-ms MS] [--fault-seed S]``: run a cluster
+[--faults stale-index,deadline,...] [--deadline-ms MS] [--fault-seed S]``: run a cluster
 (fault rate 0, the default, is the "old deployment"; above 0 the "new" one)."""
 
 from __future__ import annotations

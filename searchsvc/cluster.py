@@ -17,16 +17,15 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from searchsvc.diskio import PROCESS_NAME as DISKIO_NAME
 from searchsvc.faults import DEFAULT_FAULTS, FaultConfig
 from searchsvc.hog import PROCESS_NAME as HOG_NAME
 from searchsvc.index import build_index
 from searchsvc.locker import PROCESS_NAME as LOCKER_NAME
+from searchsvc.netdelay import PROCESS_NAME as NETDELAY_NAME
+from searchsvc.server import connect_host
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-
-
-def _connect_host(bind_host: str) -> str:
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(bind_host, bind_host)
 
 
 def _url(host: str, port: int) -> str:
@@ -58,7 +57,13 @@ class Cluster:
     in ``faults``, each leaf is pinned to one CPU and runs its own hog process
     (:mod:`searchsvc.hog`) there, see :mod:`searchsvc.leaf` and :attr:`hog_pids`.
     With ``lock-held``, each leaf runs its own locker process
-    (:mod:`searchsvc.locker`), see :attr:`locker_pids`.
+    (:mod:`searchsvc.locker`), see :attr:`locker_pids`.  With ``net-delay``,
+    each leaf runs its own delaying TCP proxy (:mod:`searchsvc.netdelay`) and
+    the root reaches the leaf only through it, see :attr:`proxy_pids` and
+    :attr:`proxy_urls` (:attr:`leaf_urls` and :meth:`journal` stay direct).
+    With ``disk-io``, each leaf runs its own disk neighbour
+    (:mod:`searchsvc.diskio`, with a scratch file in the leaf's index
+    directory), see :attr:`diskio_pids`.
     """
 
     def __init__(
@@ -87,6 +92,8 @@ class Cluster:
         self.n_buckets = n_buckets
         self.startup_timeout_s = startup_timeout_s
         self.urls: dict[str, str] = {}
+        # Leaf role -> URL of the proxy in front of it (net-delay only).
+        self.proxy_urls: dict[str, str] = {}
         self.returncodes: dict[str, int] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -114,6 +121,20 @@ class Cluster:
         leaves that have one: only with the ``lock-held`` fault enabled."""
         return self._leaf_children(LOCKER_NAME)
 
+    @property
+    def proxy_pids(self) -> dict[str, int]:
+        """Leaf role -> pid of the delaying proxy in front of it (the leaf's
+        ``qt-netdelay`` child), for the leaves that have one: only with the
+        ``net-delay`` fault enabled."""
+        return self._leaf_children(NETDELAY_NAME)
+
+    @property
+    def diskio_pids(self) -> dict[str, int]:
+        """Leaf role -> pid of its disk neighbour (the leaf's ``qt-diskio``
+        child), for the leaves that have one: only with the ``disk-io`` fault
+        enabled."""
+        return self._leaf_children(DISKIO_NAME)
+
     def _leaf_children(self, name: str) -> dict[str, int]:
         found: dict[str, int] = {}
         for role, proc in self._procs.items():
@@ -131,8 +152,12 @@ class Cluster:
                 index_dir = self.data_dir / f"leaf{i}"
                 build_index(index_dir, i, n_buckets=self.n_buckets, shards=self.shards)
                 args = ["--index", str(index_dir), *self.fault_config.argv()]
-                port = self._spawn(f"leaf{i}", "searchsvc.leaf", args, 0)
-                leaf_addrs += ["--leaf", f"{_connect_host(self.host)}:{port}"]
+                port, extra = self._spawn(f"leaf{i}", "searchsvc.leaf", args, 0)
+                if "netdelay" in extra:
+                    # The root's way to this leaf is through its proxy.
+                    port = int(extra["netdelay"])
+                    self.proxy_urls[f"leaf{i}"] = _url(connect_host(self.host), port)
+                leaf_addrs += ["--leaf", f"{connect_host(self.host)}:{port}"]
             root_args = [*leaf_addrs, *self.fault_config.argv()]
             self._spawn("root", "searchsvc.root", root_args, self.root_port)
         except BaseException:
@@ -140,7 +165,11 @@ class Cluster:
             raise
         return self
 
-    def _spawn(self, role: str, module: str, args: list[str], port: int) -> int:
+    def _spawn(
+        self, role: str, module: str, args: list[str], port: int
+    ) -> tuple[int, dict[str, str]]:
+        """Start ``role``; its bound port and the ``KEY=VALUE`` words that
+        followed the port on its announcement line."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p
@@ -160,12 +189,12 @@ class Cluster:
             sel.register(proc.stdout, selectors.EVENT_READ)
             if not sel.select(self.startup_timeout_s):
                 raise TimeoutError(f"{role} did not report its port")
-        line = proc.stdout.readline()
-        if not line.strip():
+        words = proc.stdout.readline().decode().split()
+        if not words:
             raise RuntimeError(f"{role} exited with status {proc.wait()}")
-        bound = int(line)
-        self.urls[role] = _url(_connect_host(self.host), bound)
-        return bound
+        bound = int(words[0])
+        self.urls[role] = _url(connect_host(self.host), bound)
+        return bound, {k: v for k, _, v in (word.partition("=") for word in words[1:])}
 
     def journal(self, role: str, settle_s: float = 0.0) -> dict[str, Any]:
         """``role``'s journal; with ``settle_s``, first wait up to that long until

@@ -7,21 +7,28 @@ Every process takes the same flags (``--fault-rate``, ``--faults``,
 The faults are ``stale-index`` (a leaf answers from its stale ``.idx.next``
 twins), ``deadline`` (a leaf answers after the root's deadline),
 ``cpu-starved`` (a leaf's CPU is taken by a SCHED_FIFO neighbour process, see
-:mod:`searchsvc.hog`) and ``lock-held`` (a leaf blocks on a file lock that a
-neighbour process holds, see :mod:`searchsvc.locker`).  ``cpu-starved`` and
-``lock-held`` are off unless listed in ``--faults``: the default is
-:data:`DEFAULT_FAULTS`, the first two.
+:mod:`searchsvc.hog`), ``lock-held`` (a leaf blocks on a file lock that a
+neighbour process holds, see :mod:`searchsvc.locker`), ``net-delay`` (the
+network between root and leaf, a delaying TCP proxy process, holds a leaf's
+prompt answer past the root's deadline, see :mod:`searchsvc.netdelay`) and
+``disk-io`` (a neighbour process drops a leaf's index from the page cache and
+floods the same disk with O_DIRECT reads while the leaf reads it back, see
+:mod:`searchsvc.diskio`).  All but the first two are off unless listed in
+``--faults``: the default is :data:`DEFAULT_FAULTS`, the first two.
 
 Faults are decided per query by each leaf with one draw from its own seeded
 generator: with ``r`` uniform in [0, 1), the k-th configured fault (from 0)
 happens when ``k * rate <= r < (k + 1) * rate``; listed in the canonical order
 of :data:`FAULTS`, that is [0, r) stale-index, [r, 2r) deadline, [2r, 3r)
-cpu-starved, [3r, 4r) lock-held, counting only the enabled ones.  Each fault
+cpu-starved, [3r, 4r) lock-held, [4r, 5r) net-delay, [5r, 6r) disk-io,
+counting only the enabled ones.  Each fault
 therefore has probability ``rate`` per query and leaf (for
 ``rate * len(faults) <= 1``), at most one fault hits a given leaf answer, and
 since every query costs exactly one draw, the number of faults a leaf injects
 over N queries depends only on the seed, not on how concurrent queries
-interleave.
+interleave.  That holds for ``net-delay`` too: the leaf, not its proxy,
+draws it with the same single draw and then tells its proxy to hold that one
+answer (see :mod:`searchsvc.leaf`), so it never coincides with another fault.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import threading
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Fault = Literal["stale-index", "deadline", "cpu-starved", "lock-held"]
+Fault = Literal["stale-index", "deadline", "cpu-starved", "lock-held", "net-delay", "disk-io"]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
 # What a FaultConfig, the CLI and a Cluster enable unless told otherwise.
 DEFAULT_FAULTS: tuple[Fault, ...] = ("stale-index", "deadline")
@@ -111,7 +118,7 @@ def add_fault_args(parser: argparse.ArgumentParser) -> None:
         "--deadline-ms",
         type=int,
         default=d.deadline_ms,
-        help="root's per-leaf deadline when the deadline fault is enabled",
+        help="root's per-leaf deadline when the deadline or net-delay fault is enabled",
     )
     parser.add_argument("--fault-seed", type=int, default=d.seed, help="seed of fault decisions")
 

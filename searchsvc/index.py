@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -178,16 +179,24 @@ class Index:
 
     def lookup(self, term: str) -> tuple[list[tuple[int, float]], int]:
         """Return the postings of ``term`` over all shards and the preads done."""
+        results, preads, _ = self.timed_lookup(term)
+        return results, preads
+
+    def timed_lookup(self, term: str) -> tuple[list[tuple[int, float]], int, int]:
+        """Like :meth:`lookup`, plus the nanoseconds spent inside the preads."""
         offset = BLOCK_SIZE * (1 + term_bucket(term, self.n_buckets))
         results: list[tuple[int, float]] = []
         preads = 0
+        pread_ns = 0
         for fd in self._fds:
+            start = time.monotonic_ns()
             block = os.pread(fd, BLOCK_SIZE, offset)
+            pread_ns += time.monotonic_ns() - start
             preads += 1
             (count, _) = _BLOCK_HEAD.unpack_from(block)
             end = _BLOCK_HEAD.size + count * _ENTRY.size
             results.extend(_ENTRY.iter_unpack(block[_BLOCK_HEAD.size : end]))
-        return results, preads
+        return results, preads, pread_ns
 
     def close(self) -> None:
         fds, self._fds = self._fds, []

@@ -19,10 +19,15 @@ class Record(TypedDict):
     start_ns: int
     end_ns: int
     preads: int
+    # Wall time this span spent in those preads (0 outside leaves).
+    pread_ns: int
     # None, or the fault this record's work suffered: leaf "stale-index" (answered
-    # from the .next twins), "slow" (answer delayed past the root's deadline) or
+    # from the .next twins), "slow" (answer delayed past the root's deadline),
     # "cpu-starved" (the leaf's CPU was taken by its SCHED_FIFO hog process),
-    # "lock-held" (the leaf waited for a file lock its locker process held);
+    # "lock-held" (the leaf waited for a file lock its locker process held),
+    # "net-delay" (the leaf answered promptly, but its proxy process held the
+    # answer past the root's deadline) or "disk-io" (the leaf's index was dropped
+    # from the page cache and read back while a neighbour flooded the disk);
     # root "dropped-leaf" (answered without some leaf); fanout "late" (the root
     # had already answered without this leaf's reply).
     fault: str | None
@@ -32,6 +37,16 @@ class Record(TypedDict):
     hog_pid: NotRequired[int]
     # "lock-held" leaf records only: pid of the locker process that held the lock.
     locker_pid: NotRequired[int]
+    # "net-delay" leaf records only: pid of the proxy process that held the answer.
+    proxy_pid: NotRequired[int]
+    # "disk-io" leaf records only: pid of the neighbour that evicted the index and
+    # read the disk, how many index pages it dropped from the page cache, and the
+    # CLOCK_MONOTONIC window of its O_DIRECT reads (they start before the leaf's
+    # preads; in-flight reads may complete a little after the end).
+    diskio_pid: NotRequired[int]
+    evicted_pages: NotRequired[int]
+    diskio_start_ns: NotRequired[int]
+    diskio_end_ns: NotRequired[int]
 
 
 class Snapshot(TypedDict):
@@ -52,10 +67,16 @@ class Span:
     start_ns: int = field(default_factory=time.monotonic_ns)
     tid: int = field(default_factory=threading.get_native_id)
     preads: int = 0
+    pread_ns: int = 0
     fault: str | None = None
     dropped_leaves: list[int] = field(default_factory=list)
     hog_pid: int | None = None
     locker_pid: int | None = None
+    proxy_pid: int | None = None
+    diskio_pid: int | None = None
+    evicted_pages: int = 0
+    diskio_start_ns: int = 0
+    diskio_end_ns: int = 0
     # Set by Journal.start: counted in the journal's in-flight spans.
     tracked: bool = False
 
@@ -85,6 +106,7 @@ class Journal:
             start_ns=span.start_ns,
             end_ns=time.monotonic_ns() if end_ns is None else end_ns,
             preads=span.preads,
+            pread_ns=span.pread_ns,
             fault=span.fault,
         )
         if span.role == "root":
@@ -93,6 +115,13 @@ class Journal:
             record["hog_pid"] = span.hog_pid
         if span.locker_pid is not None:
             record["locker_pid"] = span.locker_pid
+        if span.proxy_pid is not None:
+            record["proxy_pid"] = span.proxy_pid
+        if span.diskio_pid is not None:
+            record["diskio_pid"] = span.diskio_pid
+            record["evicted_pages"] = span.evicted_pages
+            record["diskio_start_ns"] = span.diskio_start_ns
+            record["diskio_end_ns"] = span.diskio_end_ns
         with self._lock:
             self._records.append(record)
             if span.tracked:

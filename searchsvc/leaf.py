@@ -1,14 +1,21 @@
 """Leaf process: answers ``/search`` from its on-disk index with preads.
 
 Run as ``python -m searchsvc.leaf --index DIR [--host H] [--port P]
-[--fault-rate F --faults stale-index,deadline,cpu-starved,lock-held --deadline-ms MS
---fault-seed S] [--cpu N]``; prints the bound port on stdout once listening.
+[--fault-rate F --faults stale-index,deadline,cpu-starved,lock-held,net-delay,disk-io
+--deadline-ms MS --fault-seed S] [--cpu N]``; prints the bound port on stdout
+once listening (with net-delay: ``PORT netdelay=PROXY_PORT``).
 
 With a fault rate (the "new deployment"), each query may be answered from the
 stale ``.idx.next`` twins (journaled ``"fault": "stale-index"``), delayed by
-1.5 x the root's deadline (``"fault": "slow"``) or starved of CPU by a busy
-neighbour process (``"fault": "cpu-starved"`` and ``"hog_pid"``), see
-:mod:`searchsvc.faults`.
+1.5 x the root's deadline (``"fault": "slow"``), starved of CPU by a busy
+neighbour process (``"fault": "cpu-starved"`` and ``"hog_pid"``), blocked on
+a neighbour's file lock (``"lock-held"``), held up in the network
+(``"net-delay"``) or slowed by a neighbour's disk I/O (``"disk-io"``), see
+:mod:`searchsvc.faults`.  Every leaf record has ``"pread_ns"``, the time its
+preads took.
+
+The helper processes below are the leaf's children but separate processes
+with names of their own, so tracing the leaf's pid does not trace them.
 
 With ``cpu-starved`` enabled, the leaf pins itself (every thread, before it
 starts any) to one CPU, ``--cpu`` or by default ``(leaf id + 1)`` modulo the
@@ -28,6 +35,29 @@ time), waits until it says it has the lock, and goes on: its ``LOCK_SH`` blocks
 until the locker lets go, so the same answer is that much late.  Queries that
 take their ``LOCK_SH`` meanwhile share the wait.  The locker is stopped with
 the leaf.
+
+With ``net-delay`` enabled, the leaf starts a :mod:`searchsvc.netdelay` child
+process, a TCP proxy to the leaf that stands in for the network: the root is
+given the proxy's port (announced after the leaf's own), and every query
+reaches the leaf through it.  The leaf still makes the fault's draw; on the
+fault (``"fault": "net-delay"`` and ``"proxy_pid"``) it computes its answer as
+usual, then tells the proxy to hold the next bytes coming back on the
+connection the query came in on (the proxy's end of it is the leaf's client
+port) for 1.5 x the root's deadline, waits until the proxy says it will, and
+sends the answer at once: the leaf's span stays short, the root gives up on
+the leaf at its deadline, and the answer reaches the root's late fan-out
+thread only after the hold.  A query that did not come through the proxy
+cannot be held and is journaled without the fault.
+
+With ``disk-io`` enabled, the leaf starts a :mod:`searchsvc.diskio` child
+process, which writes a :data:`SCRATCH_MB` MiB scratch file
+``<index>/diskio.scratch`` on the same file system as the index.  On the fault
+(``"fault": "disk-io"``, ``"diskio_pid"``, ``"evicted_pages"``,
+``"diskio_start_ns"`` and ``"diskio_end_ns"``) the handler tells it to storm
+for :data:`DISK_STORM_MS`: the neighbour drops the leaf's index shards from the
+page cache, starts its O_DIRECT readers and answers once they are all reading;
+the handler then does its usual preads, which now miss the page cache and
+queue for the disk behind the neighbour's reads.  The answer is the same, later.
 """
 
 from __future__ import annotations
@@ -47,10 +77,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+from searchsvc.diskio import StormWindow
 from searchsvc.faults import FaultConfig, FaultDice, add_fault_args
-from searchsvc.index import BLOCK_SIZE, Index, build_twins, twin_path
+from searchsvc.index import BLOCK_SIZE, Index, build_twins, shard_path, twin_path
 from searchsvc.journal import Journal, Role, Span
-from searchsvc.server import JsonHandler, Server, serve, set_process_name
+from searchsvc.server import JsonHandler, Server, connect_host, serve, set_process_name
 
 TOP_K = 10
 REFRESH_INTERVAL_S = 0.05
@@ -60,6 +91,11 @@ STARVE_MS = 80
 # How long the locker holds the leaf's lock file on a lock-held fault.
 LOCK_HOLD_MS = 80
 LOCK_FILE = "refresh.lock"
+# How long the disk-io neighbour keeps reading after a disk-io fault; the
+# faulty query's cold preads take a few tens of milliseconds within it.
+DISK_STORM_MS = 100
+SCRATCH_FILE = "diskio.scratch"
+SCRATCH_MB = 256
 CHILD_START_TIMEOUT_S = 10.0
 CHILD_STOP_TIMEOUT_S = 5.0
 
@@ -161,7 +197,8 @@ class _Child:
                 sel.register(self._proc.stdout, selectors.EVENT_READ)
                 if not sel.select(start_timeout_s):
                     raise TimeoutError(f"{self.name} {args} did not report ready")
-            self._expect(b"ready")
+            # Whatever follows "ready" on its line is for the subclass.
+            self.ready_words = self._expect(b"ready")
         except BaseException:
             self.stop()
             raise
@@ -170,11 +207,25 @@ class _Child:
     def pid(self) -> int:
         return self._proc.pid
 
-    def _expect(self, word: bytes) -> None:
+    def _expect(self, word: bytes) -> list[str]:
+        """Read a line that starts with ``word``; the words after it."""
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
-        if line.strip() != word:
+        words = line.split()
+        if not words or words[0] != word:
             raise RuntimeError(f"{self.name} {self.pid}: expected {word!r}, got {line!r}")
+        return [w.decode() for w in words[1:]]
+
+    def _ask(self, command: str) -> list[str]:
+        """Send ``command`` and return the words of the one line it answers."""
+        with self._lock:
+            assert self._proc.stdin is not None and self._proc.stdout is not None
+            self._proc.stdin.write(f"{command}\n".encode())
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} {self.pid} exited")
+        return [w.decode() for w in line.split()]
 
     @contextlib.contextmanager
     def _command(self, command: str, started: bytes) -> Iterator[None]:
@@ -240,6 +291,58 @@ class Locker(_Child):
         return self._command(f"hold {ms}", b"locked")
 
 
+class NetDelay(_Child):
+    """A :mod:`searchsvc.netdelay` child process: a TCP proxy to ``upstream``,
+    listening on ``host`` at :attr:`port`."""
+
+    name: ClassVar[str] = "netdelay"
+
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        host: str,
+        start_timeout_s: float = CHILD_START_TIMEOUT_S,
+    ) -> None:
+        up_host, up_port = upstream
+        up = f"[{up_host}]:{up_port}" if ":" in up_host else f"{up_host}:{up_port}"
+        args = ["--upstream", up, "--host", host]
+        super().__init__("searchsvc.netdelay", args, start_timeout_s)
+        self.port = int(self.ready_words[0])
+
+    def hold(self, client_port: int, ms: int) -> bool:
+        """Have the proxy hold the next answer bytes on the connection it opened
+        from ``client_port`` for ``ms``; False if it has no such connection."""
+        return self._ask(f"hold {client_port} {ms}") == ["holding"]
+
+
+class DiskIo(_Child):
+    """A :mod:`searchsvc.diskio` child process that evicts ``evict`` and reads
+    its own ``scratch`` file; one storm request at a time."""
+
+    name: ClassVar[str] = "diskio"
+
+    def __init__(
+        self,
+        scratch: Path,
+        evict: list[Path],
+        size_mb: int = SCRATCH_MB,
+        start_timeout_s: float = CHILD_START_TIMEOUT_S,
+    ) -> None:
+        args = ["--scratch", str(scratch), "--size-mb", str(size_mb)]
+        for path in evict:
+            args += ["--evict", str(path)]
+        super().__init__("searchsvc.diskio", args, start_timeout_s)
+
+    def storm(self, ms: int) -> tuple[int, StormWindow]:
+        """Evict the files and start the readers for ``ms``; returns once they
+        read: the pages evicted and the readers' window."""
+        match self._ask(f"storm {ms}"):
+            case ["storming", evicted, start, end]:
+                return int(evicted), StormWindow(int(start), int(end))
+            case other:
+                raise RuntimeError(f"{self.name} {self.pid}: bad answer {other!r}")
+
+
 @contextlib.contextmanager
 def shared_lock(path: Path) -> Iterator[None]:
     """Hold ``flock(LOCK_SH)`` on ``path`` through a fresh open file description:
@@ -268,10 +371,21 @@ class LeafHandler(JsonHandler):
     # lock-held fault is enabled.
     lock_path: ClassVar[Path | None] = None
     locker: ClassVar[Locker | None] = None
+    # The proxy in front of this leaf; None unless net-delay is enabled.
+    netdelay: ClassVar[NetDelay | None] = None
+    # The disk neighbour; None unless disk-io is enabled.
+    diskio: ClassVar[DiskIo | None] = None
 
     def search(self, span: Span, q: str) -> tuple[int, Any]:
         fault = self.dice.draw()
         index = self.index
+        if fault == "disk-io" and self.diskio is not None:
+            evicted, window = self.diskio.storm(DISK_STORM_MS)
+            span.fault = "disk-io"
+            span.diskio_pid = self.diskio.pid
+            span.evicted_pages = evicted
+            span.diskio_start_ns = window.start_ns
+            span.diskio_end_ns = window.end_ns
         if fault == "stale-index" and self.twin is not None:
             index = self.twin
             span.fault = "stale-index"
@@ -291,8 +405,9 @@ class LeafHandler(JsonHandler):
         with starving, held, locking:
             scores: dict[int, float] = {}
             for term in q.split():
-                postings, preads = index.lookup(term)
+                postings, preads, pread_ns = index.timed_lookup(term)
                 span.preads += preads
+                span.pread_ns += pread_ns
                 self.journal.count_preads(preads)
                 for doc, score in postings:
                     scores[doc] = scores.get(doc, 0.0) + score
@@ -301,6 +416,12 @@ class LeafHandler(JsonHandler):
             span.fault = "slow"
             # This sleep is the simulated fault: answer after the root gave up.
             time.sleep(self.dice.config.deadline_s * SLOW_FACTOR)
+        if fault == "net-delay" and self.netdelay is not None:
+            hold_ms = round(self.dice.config.deadline_ms * SLOW_FACTOR)
+            # The answer is ready; the proxy holds it once the handler sends it.
+            if self.netdelay.hold(self.client_address[1], hold_ms):
+                span.fault = "net-delay"
+                span.proxy_pid = self.netdelay.pid
         return 200, {
             "leaf": self.index.leaf_id,
             "query_id": span.query_id,
@@ -332,7 +453,20 @@ def main(argv: list[str] | None = None) -> int:
     lock_fd: int | None = None
     locker: Locker | None = None
     lock_path: Path | None = None
+    netdelay: NetDelay | None = None
+    diskio: DiskIo | None = None
+    server: Server | None = None
     try:
+        # Bound before the proxy starts, which needs the port; its handler class
+        # is set below.  No thread exists yet, so pinning still covers them all.
+        server = Server((args.host, args.port), LeafHandler, Journal())
+        # The proxy and the disk neighbour start before the pinning, so they do
+        # not inherit it: they are the network and another tenant, not the leaf.
+        if config.enabled("net-delay"):
+            netdelay = NetDelay((connect_host(args.host), server.server_port), args.host)
+        if config.enabled("disk-io"):
+            shards = [shard_path(args.index, shard) for shard in range(index.shards)]
+            diskio = DiskIo(args.index / SCRATCH_FILE, shards)
         if config.enabled("cpu-starved"):
             cpu = default_cpu(index.leaf_id) if args.cpu is None else args.cpu
             # Before any thread starts, so every thread inherits the pinning.
@@ -353,10 +487,21 @@ def main(argv: list[str] | None = None) -> int:
             "hog": hog,
             "lock_path": lock_path,
             "locker": locker,
+            "netdelay": netdelay,
+            "diskio": diskio,
         }
-        handler = type("BoundLeafHandler", (LeafHandler,), attrs)
-        return serve(Server((args.host, args.port), handler, Journal()))
+        server.RequestHandlerClass = type("BoundLeafHandler", (LeafHandler,), attrs)
+        extra = "" if netdelay is None else f"netdelay={netdelay.port}"
+        # serve() closes the server, whatever happens.
+        served, server = server, None
+        return serve(served, extra)
     finally:
+        if server is not None:
+            server.server_close()
+        if diskio is not None:
+            diskio.stop()
+        if netdelay is not None:
+            netdelay.stop()
         if locker is not None:
             locker.stop()
         if lock_fd is not None:

@@ -5,9 +5,10 @@ Run as ``python -m searchsvc.root --leaf HOST:PORT --leaf HOST:PORT
 the bound port on stdout once listening.
 
 The answer holds every hit of every leaf that answered (up to 10 each), so any
-change in one leaf's answer shows.  With the deadline fault enabled, the root
-waits for each leaf at most ``--deadline-ms`` and answers without the late ones
-(journaled as ``dropped_leaves``); without it, it waits for every leaf.
+change in one leaf's answer shows.  With the deadline or net-delay fault
+enabled, the root waits for each leaf at most ``--deadline-ms`` and answers
+without the late ones (journaled as ``dropped_leaves``); without them, it waits
+for every leaf.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class RootHandler(JsonHandler):
         ]
         for t in threads:
             t.start()
-        if self.faults.enabled("deadline"):
+        if self.faults.enabled("deadline") or self.faults.enabled("net-delay"):
             deadline = time.monotonic() + self.faults.deadline_s
             for t in threads:
                 t.join(max(0.0, deadline - time.monotonic()))

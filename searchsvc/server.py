@@ -145,8 +145,14 @@ class JsonHandler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(server: Server) -> int:
-    """Announce the bound port on stdout and serve until SIGTERM/SIGINT."""
+def connect_host(bind_host: str) -> str:
+    """The address a local client connects to for a server bound to ``bind_host``."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(bind_host, bind_host)
+
+
+def serve(server: Server, extra: str = "") -> int:
+    """Announce the bound port (then ``extra``, if any, on the same line) on
+    stdout and serve until SIGTERM/SIGINT."""
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         # shutdown() waits for serve_forever(), which runs in this very thread.
@@ -155,7 +161,7 @@ def serve(server: Server) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # Handlers first: the parent may signal us as soon as it reads the port.
-    print(server.server_address[1], flush=True)
+    print(f"{server.server_address[1]} {extra}".rstrip(), flush=True)
     try:
         server.serve_forever()
     finally:

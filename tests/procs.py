@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +61,42 @@ def complete(addr: str, sid: str, n: int = 1) -> bool:
 
 
 class Proc:
-    def __init__(self, args: list[str], ready: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        ready: str,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,  # e.g. nsenter --net=...
+    ) -> None:
         self.proc = subprocess.Popen(
-            [QTRACE, *args],
+            [*(prefix or []), QTRACE, *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env=None if env is None else {**os.environ, **env},
         )
         assert self.proc.stderr is not None
-        self.first_line = self.proc.stderr.readline()  # printed once serving/attached
+        self.log: list[str] = []
+        # The banner, printed once serving/attached; log lines (a recovered spool) may come
+        # before it.
+        while (line := self.proc.stderr.readline()) and line.startswith("20"):
+            self.log.append(line)
+        self.first_line = line
         if ready not in self.first_line:
             rest = self.proc.stderr.read()
             self.proc.kill()
             raise AssertionError(f"qtrace {args[0]} did not start: {self.first_line}{rest}")
+        # Read on, so a chatty process never blocks on a full pipe and tests can look.
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.log)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -83,19 +108,20 @@ class Proc:
         try:
             return self.proc.wait(60)
         finally:
-            assert self.proc.stderr is not None
-            self.proc.stderr.close()
+            self._reader.join(10)
 
 
 class Collector(Proc):
-    def __init__(self, db: Path, port: int = 0) -> None:
+    def __init__(
+        self, db: Path, port: int = 0, args: Sequence[str] = (), host: str = "127.0.0.1"
+    ) -> None:
         super().__init__(
-            ["collector", "run", "--db", str(db), "--listen", f"127.0.0.1:{port}"], "listening"
+            ["collector", "run", "--db", str(db), "--listen", f"{host}:{port}", *args], "listening"
         )
         m = re.search(r":(\d+),", self.first_line)
         assert m, self.first_line
         self.port = int(m.group(1))
-        self.addr = f"127.0.0.1:{self.port}"
+        self.addr = f"{host}:{self.port}"
 
 
 class Agent(Proc):
@@ -106,13 +132,30 @@ class Agent(Proc):
         scope: Path | None = None,
         skew_ns: int = 0,
         ring_pages: int = 1024,
+        spool: Path | None = None,
+        extra: list[str] | None = None,
+        netns: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        # Never the shared default spool: other tests' agents run on this machine too.
+        self.own_spool = spool is None
+        self.spool = spool or Path(tempfile.mkdtemp(prefix="qtrace-spool-"))
         args = ["agent", "run", "--collector", collector, "--node", node]
-        args += ["--ring-pages", str(ring_pages)]
+        args += ["--ring-pages", str(ring_pages), "--spool-dir", str(self.spool), *(extra or [])]
         if scope is not None:
             args += ["--scope-cgroup", str(scope)]
-        env = {"QTRACE_CLOCK_SKEW_NS": str(skew_ns)} if skew_ns else None
-        super().__init__(args, "agent", env)
+        env = {**(env or {}), **({"QTRACE_CLOCK_SKEW_NS": str(skew_ns)} if skew_ns else {})}
+        # nsenter, not `ip netns exec`: that also remounts /sys, hiding tracefs.
+        prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else None
+        super().__init__(args, "agent", env or None, prefix)
+        self.agent_id = self.first_line.split()[1]
+
+    def stop(self) -> int:
+        try:
+            return super().stop()
+        finally:
+            if self.own_spool:
+                shutil.rmtree(self.spool, ignore_errors=True)
 
 
 def move_to_cgroup(pid: int, cg: Path) -> None:

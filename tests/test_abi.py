@@ -51,5 +51,5 @@ def test_enums_parsed_from_header() -> None:
     assert abi.KINDS["pread64"] == 16
     assert abi.KIND_NAMES[abi.KINDS["block_rq"]] == "block_rq"
     assert len(abi.KINDS) == abi.KIND_MAX - 1
-    assert set(abi.COUNTERS) == {"produced", "lost_ringbuf", "lost_mapfull", "filtered"}
+    assert set(abi.COUNTERS) == {"produced", "lost_ringbuf", "lost_mapfull", "filtered", "shed"}
     assert abi.FD_OTHER == 5

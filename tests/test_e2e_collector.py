@@ -262,3 +262,30 @@ def test_sessions_expire_on_agents_even_without_the_collector(
         for a in agents:
             a.stop()
         col.stop()
+
+
+def test_a_session_over_its_event_rate_is_shed_and_says_so(tmp_path: Path) -> None:
+    col = Collector(tmp_path / "q.duckdb")
+    agent = Agent(col.addr, "node-a")
+    try:
+        with workload(tmp_path, "a") as w:
+            sid = qtrace_json(
+                "session", "start", "--pid", str(w.pid), "--probes", "storage",
+                "--max-event-rate", "500", "--duration", "5m", "--collector", col.addr,
+            )["session_id"]  # fmt: skip
+            wait_for(lambda: joined(col.addr, sid, 1), 30, "the agent to start tracing")
+            w.do("pwrite 20000")
+            qtrace("session", "stop", sid, "--collector", col.addr)
+            wait_for(lambda: complete(col.addr, sid, 1), 60, "the agent's final batch")
+        st = session_status(col.addr, sid)
+        assert st["max_event_rate"] == 500
+        (a,) = st["agents"]
+        row = a["drops"]["pwrite64"]
+        # Accounted for, every one: shipped and stored, or shed by the limit (not lost).
+        assert row["produced"] + row["shed"] == 20000
+        assert row["received"] == row["produced"] and a["dropped"] == 0
+        assert a["shed"] == sum(d["shed"] for d in a["drops"].values()) > 10000
+        assert "shed" in qtrace("session", "status", sid, "--collector", col.addr).stdout
+    finally:
+        agent.stop()
+        col.stop()

@@ -6,19 +6,24 @@ import fcntl
 import http.client
 import json
 import os
+import random
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 
 from searchsvc.client import make_queries, run_queries
 from searchsvc.cluster import Cluster, get_json
+from searchsvc.diskio import MAX_STORM_MS as DISK_MAX_STORM_MS
+from searchsvc.diskio import parse_storm, resident_pages
 from searchsvc.faults import DEFAULT_FAULTS, FAULTS, FaultConfig, FaultDice
 from searchsvc.hog import MAX_SPIN_MS, parse_spin
 from searchsvc.index import (
@@ -30,8 +35,21 @@ from searchsvc.index import (
     shard_path,
     twin_path,
 )
-from searchsvc.leaf import LOCK_FILE, LOCK_HOLD_MS, STARVE_MS, default_cpu, shared_lock
+from searchsvc.leaf import (
+    DISK_STORM_MS,
+    LOCK_FILE,
+    LOCK_HOLD_MS,
+    SCRATCH_FILE,
+    SCRATCH_MB,
+    SLOW_FACTOR,
+    STARVE_MS,
+    default_cpu,
+    shared_lock,
+)
 from searchsvc.locker import MAX_HOLD_MS, parse_hold
+from searchsvc.netdelay import MAX_HOLD_MS as NET_MAX_HOLD_MS
+from searchsvc.netdelay import parse_hold as parse_net_hold
+from tests.procs import wait_for
 
 SHARDS = 4
 
@@ -622,3 +640,402 @@ def test_lock_held_only_delays_the_journaled_queries(tmp_path: Path) -> None:
     assert min(slow.values()) >= 60, slow
     # A concurrent query on the same leaf may share the wait, but most never do.
     assert statistics.median(others) <= 30, sorted(others)
+
+
+def test_net_delay_and_disk_io_are_opt_in_and_keep_the_other_draws() -> None:
+    assert FAULTS[-2:] == ("net-delay", "disk-io")
+    assert not {"net-delay", "disk-io"} & set(DEFAULT_FAULTS)
+    assert not FaultConfig(rate=0.5).enabled("net-delay")
+    assert not FaultConfig(rate=0.5).enabled("disk-io")
+    four = FaultConfig(rate=0.05, faults=FAULTS[:4], seed=9)
+    six = FaultConfig(rate=0.05, faults=FAULTS, seed=9)
+    dice4, dice6 = FaultDice(four, 1), FaultDice(six, 1)
+    a = [dice4.draw() for _ in range(4000)]
+    b = [dice6.draw() for _ in range(4000)]
+    # The new faults only take some of the no-fault draws, one fault per draw.
+    assert all(
+        y == x or (x is None and y in ("net-delay", "disk-io")) for x, y in zip(a, b, strict=True)
+    )
+    counts = Counter(b)
+    assert 100 <= counts["net-delay"] <= 300 and 100 <= counts["disk-io"] <= 300, counts
+    dice = FaultDice(FaultConfig(rate=0.05, faults=("disk-io",), seed=9), 1)
+    assert {dice.draw() for _ in range(2000)} == {None, "disk-io"}
+
+
+def _echo_server() -> tuple[socket.socket, list[int], threading.Thread]:
+    """A TCP server that echoes the one connection it accepts until EOF; it
+    records the peer's port (the proxy's upstream port) before echoing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    peers: list[int] = []
+
+    def run() -> None:
+        conn, addr = listener.accept()
+        peers.append(addr[1])
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return listener, peers, thread
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n > 0:
+        chunk = sock.recv(min(n, 1 << 16))
+        assert chunk, "connection closed early"
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def test_netdelay_proxy_is_byte_exact_and_holds_on_command() -> None:
+    assert parse_net_hold("hold 4242 80\n") == (4242, 80)
+    assert parse_net_hold(f"hold 1 {NET_MAX_HOLD_MS * 2}") == (1, NET_MAX_HOLD_MS)
+    assert [parse_net_hold(t) for t in ("hold 1", "hold x 5", "hold 1 -5", "spin 5", "")] == [
+        None
+    ] * 5
+    listener, peers, echo = _echo_server()
+    upstream = f"127.0.0.1:{listener.getsockname()[1]}"
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "searchsvc.netdelay", "--upstream", upstream],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proxy.stdin is not None and proxy.stdout is not None
+    try:
+        word, port = proxy.stdout.readline().split()
+        assert word == "ready"
+        assert Path(f"/proc/{proxy.pid}/comm").read_text() == "qt-netdelay\n"
+        payload = random.Random(3).randbytes(3 << 20)
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=30) as client:
+            # Byte-exact both ways, several exchanges on one connection.
+            for size in (1, 1000, len(payload)):
+                sender = threading.Thread(target=client.sendall, args=(payload[:size],))
+                sender.start()
+                assert _recv_exactly(client, size) == payload[:size]
+                sender.join()
+            (upstream_port,) = peers
+            hold_ms = 150
+            proxy.stdin.write(
+                f"bogus\nhold {upstream_port + 1} 5\nhold {upstream_port} {hold_ms}\n"
+            )
+            proxy.stdin.flush()
+            assert proxy.stdout.readline().startswith("error")
+            assert proxy.stdout.readline().startswith("error: no upstream connection")
+            assert proxy.stdout.readline() == "holding\n"
+            # The echo's bytes reach the proxy at once and are held there.
+            before = time.monotonic()
+            client.sendall(b"held")
+            assert _recv_exactly(client, 4) == b"held"
+            assert time.monotonic() - before >= hold_ms / 1000
+            # A hold is used up by the bytes it held.
+            client.sendall(b"next")
+            assert _recv_exactly(client, 4) == b"next"
+            # Half-close goes through: the echo server sees EOF and closes.
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""
+        # The proxy closed its upstream end too: the echo server saw EOF.
+        echo.join(10)
+        assert not echo.is_alive()
+        proxy.stdin.close()
+        assert proxy.wait(10) == 0
+    finally:
+        if proxy.poll() is None:
+            proxy.kill()
+        proxy.wait()
+        proxy.stdout.close()
+        listener.close()
+
+
+def test_net_delay_holds_only_the_journaled_answers(tmp_path: Path) -> None:
+    n, rate, deadline_ms, seed = 120, 0.05, 300, 7
+    hold_ns = deadline_ms * SLOW_FACTOR * 10**6
+    faults = ("net-delay",)
+    queries = make_queries(n, seed=41)
+    started = time.monotonic()
+    with (
+        Cluster(tmp_path / "old", shards=SHARDS) as old,
+        Cluster(
+            tmp_path / "new",
+            shards=SHARDS,
+            fault_rate=rate,
+            faults=faults,
+            deadline_ms=deadline_ms,
+            fault_seed=seed,
+        ) as new,
+    ):
+        assert old.proxy_pids == {} and old.proxy_urls == {}
+        proxies = new.proxy_pids
+        assert set(proxies) == set(new.proxy_urls) == {"leaf0", "leaf1"}
+        root_argv = Path(f"/proc/{new.pids['root']}/cmdline").read_text().split("\0")
+        for role, proxy in proxies.items():
+            # Its own process, named qt-netdelay, and the root's only way to the leaf.
+            assert proxy not in new.pids.values()
+            assert Path(f"/proc/{proxy}/comm").read_text() == "qt-netdelay\n"
+            proxy_addr = urlsplit(new.proxy_urls[role]).netloc
+            leaf_addr = urlsplit(new.urls[role]).netloc
+            assert proxy_addr in root_argv and leaf_addr not in root_argv
+        idle_fds = {pid: _fd_count(pid) for pid in proxies.values()}
+
+        old_results = run_queries(old.root_url, queries, concurrency=2)
+        new_results = run_queries(new.root_url, queries, concurrency=2)
+        journals = {role: new.journal(role, settle_s=10) for role in new.pids}
+        # Keep-alive through a proxy: the same answers as from the leaf itself.
+        direct, proxied = [
+            _keepalive_answers(url, ["alpha", "kernel probe", "zulu"])
+            for url in (new.urls["leaf0"], new.proxy_urls["leaf0"])
+        ]
+        # Every connection the proxies bridged is closed again, both ends.
+        wait_for(
+            lambda: all(_fd_count(pid) <= n for pid, n in idle_fds.items()),
+            10,
+            "the proxies to close their connections",
+        )
+    elapsed = time.monotonic() - started
+    assert new.returncodes == old.returncodes == {"root": 0, "leaf0": 0, "leaf1": 0}
+    assert all(_pid_gone(pid) for pid in [*proxies.values(), *new.pids.values()])
+    assert elapsed < 60, f"{n} queries took {elapsed:.1f}s"
+    assert proxied == direct and all(status == 200 for status, _ in direct)
+
+    assert all(j["in_flight"] == 0 for j in journals.values())
+    held: dict[str, set[int]] = defaultdict(set)
+    leaf_recs: dict[tuple[str, int], dict[str, Any]] = {}
+    for leaf in range(2):
+        recs = journals[f"leaf{leaf}"]["records"]
+        assert sorted(r["query_id"] for r in recs) == sorted(q for q, _ in queries)
+        dice = FaultDice(FaultConfig(rate=rate, faults=faults, seed=seed), leaf)
+        expected = Counter(dice.draw() for _ in range(n))
+        assert Counter(r["fault"] for r in recs) == {
+            None: expected[None],
+            "net-delay": expected["net-delay"],
+        }
+        assert 1 <= expected["net-delay"] <= 15, expected
+        for r in recs:
+            leaf_recs[(r["query_id"], leaf)] = r
+            if r["fault"] == "net-delay":
+                assert r["proxy_pid"] == proxies[f"leaf{leaf}"]
+                # The leaf itself answered well within the root's deadline.
+                assert r["end_ns"] - r["start_ns"] < deadline_ms * 10**6
+                held[r["query_id"]].add(leaf)
+            else:
+                assert "proxy_pid" not in r
+
+    root_by_qid = _records_by_qid(journals["root"])
+    dropped: dict[str, list[int]] = {}
+    for qid, recs in root_by_qid.items():
+        (top,) = [r for r in recs if r["role"] == "root"]
+        dropped[qid] = top["dropped_leaves"]
+        late = [r for r in recs if r["role"] == "fanout" and r["fault"] == "late"]
+        assert len(late) == len(top["dropped_leaves"])
+    # Every held answer reached the root only after the hold, past its deadline.
+    for qid, leaves in held.items():
+        fanout_ends = [r["end_ns"] for r in root_by_qid[qid] if r["role"] == "fanout"]
+        for leaf in leaves:
+            leaf_start = leaf_recs[(qid, leaf)]["start_ns"]
+            assert sum(end - leaf_start >= hold_ns for end in fanout_ends) >= 1, qid
+    # Only held leaves are dropped; a held one is kept only if the root stalled.
+    held_pairs = {(q, leaf) for q, leaves in held.items() for leaf in leaves}
+    dropped_pairs = {(q, leaf) for q, leaves in dropped.items() for leaf in leaves}
+    assert dropped_pairs <= held_pairs
+    assert len(dropped_pairs) >= 0.8 * len(held_pairs)
+    # Answers: the old ones, without the dropped leaves; byte-exact otherwise.
+    for o, nw in zip(old_results, new_results, strict=True):
+        assert o["status"] == nw["status"] == 200, (o, nw)
+        qid = nw["query_id"]
+        assert _without_time(nw["body"]) == _expected_new_body(o["body"], set(), dropped[qid], 2)
+    latency_ms = {r["query_id"]: r["latency_ns"] / 1e6 for r in new_results}
+    print(
+        f"\nnet-delay: {len(held_pairs)} held answers; root latency of dropping queries "
+        f"median {statistics.median(latency_ms[q] for q, _ in dropped_pairs):.0f} ms; "
+        f"others median {statistics.median(v for q, v in latency_ms.items() if q not in held):.2f}"
+        f" ms (old deployment, no proxy: "
+        f"{statistics.median(r['latency_ns'] / 1e6 for r in old_results):.2f} ms)"
+    )
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _keepalive_answers(url: str, texts: list[str]) -> list[tuple[int, bytes]]:
+    """Status and raw body of GET, POST, GET ... /search on one connection."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    answers = []
+    try:
+        for i, q in enumerate(texts):
+            if i % 2:
+                conn.request("POST", "/search", body=json.dumps({"q": q}).encode())
+            else:
+                conn.request("GET", "/search?" + urlencode({"q": q}))
+            resp = conn.getresponse()
+            answers.append((resp.status, resp.read()))
+    finally:
+        conn.close()
+    return answers
+
+
+def _read_bytes(pid: int) -> int:
+    """Bytes ``pid`` has had read from storage for it (not from the page cache)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "read_bytes":
+            return int(value)
+    raise AssertionError(f"no read_bytes in /proc/{pid}/io")
+
+
+def test_diskio_protocol(tmp_path: Path) -> None:
+    assert parse_storm("storm 80\n") == 80
+    assert parse_storm(f"storm {DISK_MAX_STORM_MS + 1}") == DISK_MAX_STORM_MS
+    assert [parse_storm(t) for t in ("storm", "storm -1", "hold 3", "")] == [None] * 4
+    victim = tmp_path / "victim"
+    victim.write_bytes(os.urandom(64 * 4096))
+    scratch = tmp_path / "scratch"
+    cmd = [sys.executable, "-m", "searchsvc.diskio", "--scratch", str(scratch)]
+    cmd += ["--evict", str(victim), "--size-mb", "8", "--threads", "2", "--block-kb", "64"]
+    diskio = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert diskio.stdin is not None and diskio.stdout is not None
+    try:
+        assert diskio.stdout.readline() == "ready\n"
+        assert Path(f"/proc/{diskio.pid}/comm").read_text() == "qt-diskio\n"
+        # Real data, not an unwritten extent that reads as zeros.
+        assert scratch.stat().st_size == 8 << 20
+        with scratch.open("rb") as f:
+            f.seek(5 << 20)
+            assert f.read(4096) != bytes(4096)
+        fd = os.open(victim, os.O_RDONLY)
+        try:
+            os.pread(fd, 64 * 4096, 0)
+            assert resident_pages(fd) == 64
+            read_before = _read_bytes(diskio.pid)
+            before = time.monotonic_ns()
+            diskio.stdin.write("bogus\nstorm 50\n")
+            diskio.stdin.flush()
+            assert diskio.stdout.readline().startswith("error")
+            word, evicted, start, end = diskio.stdout.readline().split()
+            assert (word, int(evicted)) == ("storming", 64)
+            # Reading for 50 ms from the answer, so from after the start.
+            assert before <= int(start) and int(end) - int(start) > 50 * 10**6
+            assert int(end) <= time.monotonic_ns() + 50 * 10**6
+            assert resident_pages(fd) == 0
+            # Every reader completed an O_DIRECT read from the disk before the answer.
+            assert _read_bytes(diskio.pid) - read_before >= 2 * 64 * 1024
+        finally:
+            os.close(fd)
+        diskio.stdin.close()
+        assert diskio.wait(10) == 0
+        assert not scratch.exists()
+    finally:
+        if diskio.poll() is None:
+            diskio.kill()
+        diskio.wait()
+        diskio.stdout.close()
+
+
+def test_diskio_exits_0_and_cleans_up_on_sigterm(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    cmd = [sys.executable, "-m", "searchsvc.diskio", "--scratch", str(scratch)]
+    cmd += ["--evict", str(tmp_path / "nothing"), "--size-mb", "4"]
+    (tmp_path / "nothing").write_bytes(b"")
+    diskio = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert diskio.stdin is not None and diskio.stdout is not None
+    try:
+        assert diskio.stdout.readline() == "ready\n"
+        assert scratch.exists()
+        diskio.terminate()
+        assert diskio.wait(10) == 0
+        assert not scratch.exists()
+    finally:
+        if diskio.poll() is None:
+            diskio.kill()
+        diskio.wait()
+        diskio.stdin.close()
+        diskio.stdout.close()
+
+
+def test_disk_io_slows_only_the_journaled_queries_reads(tmp_path: Path) -> None:
+    n, rate, seed = 150, 0.05, 3
+    faults = ("disk-io",)
+    queries = make_queries(n, seed=43)
+    started = time.monotonic()
+    with (
+        Cluster(tmp_path / "old", shards=SHARDS) as old,
+        Cluster(
+            tmp_path / "new", shards=SHARDS, fault_rate=rate, faults=faults, fault_seed=seed
+        ) as new,
+    ):
+        assert old.diskio_pids == {} and new.proxy_pids == {}
+        neighbours = new.diskio_pids
+        assert set(neighbours) == {"leaf0", "leaf1"}
+        for role, pid in neighbours.items():
+            assert pid not in new.pids.values()
+            assert Path(f"/proc/{pid}/comm").read_text() == "qt-diskio\n"
+            assert (tmp_path / "new" / role / SCRATCH_FILE).stat().st_size == SCRATCH_MB << 20
+        neighbour_read = {role: _read_bytes(pid) for role, pid in neighbours.items()}
+
+        old_results = run_queries(old.root_url, queries, concurrency=1)
+        # One query at a time: no other query of the leaf reloads the evicted
+        # pages between a storm's eviction and the faulty query's preads.
+        new_results = run_queries(new.root_url, queries, concurrency=1)
+        journals = {role: new.journal(role, settle_s=10) for role in ("leaf0", "leaf1")}
+        assert new.diskio_pids == neighbours  # alive all along
+        neighbour_read = {
+            role: _read_bytes(pid) - neighbour_read[role] for role, pid in neighbours.items()
+        }
+        leaf_read = {role: _read_bytes(new.pids[role]) for role in neighbours}
+    elapsed = time.monotonic() - started
+    assert new.returncodes == old.returncodes == {"root": 0, "leaf0": 0, "leaf1": 0}
+    assert all(_pid_gone(pid) for pid in [*neighbours.values(), *new.pids.values()])
+    assert not list((tmp_path / "new").glob(f"*/{SCRATCH_FILE}"))
+    assert elapsed < 60, f"{n} queries took {elapsed:.1f}s"
+
+    # Only the latency changes: every answer is the old one.
+    for o, nw in zip(old_results, new_results, strict=True):
+        assert o["status"] == nw["status"] == 200, (o, nw)
+        assert _without_time(o["body"]) == _without_time(nw["body"]), nw["query_id"]
+
+    terms = {qid: len(q.split()) for qid, q in queries}
+    faulty_ms: list[float] = []
+    normal_ms: list[float] = []
+    for leaf in range(2):
+        role = f"leaf{leaf}"
+        journal = journals[role]
+        assert journal["in_flight"] == 0
+        recs = journal["records"]
+        dice = FaultDice(FaultConfig(rate=rate, faults=faults, seed=seed), leaf)
+        expected = Counter(dice.draw() for _ in range(n))
+        assert Counter(r["fault"] for r in recs) == {
+            None: expected[None],
+            "disk-io": expected["disk-io"],
+        }
+        assert 2 <= expected["disk-io"] <= 20, expected
+        for r in recs:
+            assert r["preads"] == terms[r["query_id"]] * SHARDS
+            assert 0 < r["pread_ns"] <= r["end_ns"] - r["start_ns"]
+            if r["fault"] != "disk-io":
+                assert "diskio_pid" not in r and "evicted_pages" not in r
+                normal_ms.append(r["pread_ns"] / 1e6)
+                continue
+            faulty_ms.append(r["pread_ns"] / 1e6)
+            assert r["diskio_pid"] == neighbours[role]
+            # The cache held pages of the index (at least the last faulty
+            # query's, one per shard) and the neighbour dropped them.
+            assert r["evicted_pages"] >= SHARDS, r
+            # The storm started inside the span, and the first pread began
+            # (at the latest at end - pread_ns) while the neighbour still read.
+            assert r["start_ns"] <= r["diskio_start_ns"] <= r["end_ns"] - r["pread_ns"]
+            assert r["end_ns"] - r["pread_ns"] < r["diskio_end_ns"]
+            assert r["diskio_end_ns"] - r["diskio_start_ns"] > DISK_STORM_MS * 10**6
+        # The neighbour's O_DIRECT reads went to the disk, and so did the
+        # leaf's reads of its evicted pages: at least a page per shard per fault.
+        assert neighbour_read[role] >= expected["disk-io"] * 1024 * 1024
+        assert leaf_read[role] >= expected["disk-io"] * SHARDS * 4096
+    print(
+        f"\ndisk-io: {len(faulty_ms)} faulty leaf answers, preads median "
+        f"{statistics.median(faulty_ms):.2f} ms (max {max(faulty_ms):.1f}) vs "
+        f"{statistics.median(normal_ms):.3f} ms for the {len(normal_ms)} others: "
+        f"{statistics.median(faulty_ms) / statistics.median(normal_ms):.0f}x"
+    )

@@ -116,3 +116,21 @@ def test_overflow_is_counted_exactly(tmp_path: Path) -> None:
     assert row["produced"] == n
     assert received + row["lost_ringbuf"] + row["lost_mapfull"] == n
     assert stats["produced"] == stats["received"] + stats["lost"]
+
+
+def test_over_the_rate_limit_events_are_shed_counted_and_sampled(tmp_path: Path) -> None:
+    n = 20000
+    with workload(tmp_path, "flood") as w:
+        config = ProbeConfig(max_event_rate=1000)
+        with background_tracer(TargetSpec(pids=[w.pid]), config=config) as (tracer, sink):
+            w.do(f"pwrite {n}")
+        stats = tracer.stats()
+    row = stats["kinds"]["pwrite64"]
+    received = sum(e.kind == "pwrite64" for e in sink.events)
+    # Every syscall is accounted for: shipped, or shed by the limit.
+    assert row["produced"] + row["shed"] == n
+    assert row["received"] == received == row["produced"]
+    assert row["shed"] > n // 2
+    # Over the limit, one in 64 still leaves as a sample.
+    assert received >= row["shed"] // 64
+    assert stats["shed"] == sum(r["shed"] for r in stats["kinds"].values())

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtrace.client import parse_addr
+from qtrace.client import credentials, parse_addr
 from qtrace.errors import QtraceError
 from qtrace.output import (
     DEFAULT_ADDR,
@@ -49,13 +49,17 @@ def agent_trace(
         int, typer.Option(help="Bytes of each request given to the extractor.")
     ] = 256,
     ring_pages: Annotated[int, typer.Option(help="Ring buffer size in 4 KiB pages.")] = 1024,
+    probes: Annotated[
+        str,
+        typer.Option(help="Probe groups, of net,storage,sched,memory,node or all [all but node]."),
+    ] = "",
     fmt: Annotated[Format, typer.Option("--format", help="Summary format.")] = Format.text,
 ) -> None:
     """Trace processes on this machine and write their attributed events as JSON lines."""
     try:
         _agent_trace(
             out, pid or [], comm or [], cgroup or [], query_id_header, query_id_regex,
-            duration, capture_bytes, ring_pages, fmt,
+            duration, capture_bytes, ring_pages, probes, fmt,
         )  # fmt: skip
     except QtraceError as e:
         fail(e)
@@ -71,10 +75,12 @@ def _agent_trace(
     duration: float | None,
     capture_bytes: int,
     ring_pages: int,
+    probes: str,
     fmt: Format,
 ) -> None:
     from agent import preflight
     from agent.extract import QueryIdExtractor
+    from agent.groups import parse_groups
     from agent.probes import ProbeConfig
     from agent.sink import JsonlSink
     from agent.targets import TargetSpec
@@ -91,6 +97,10 @@ def _agent_trace(
     extractor = (
         QueryIdExtractor.regex(regex) if regex else QueryIdExtractor.header(header or "X-Query-Id")
     )
+    try:
+        groups = parse_groups(probes.split(","))
+    except ValueError as e:
+        raise QtraceError(str(e)) from None
     spec = TargetSpec(pids=pids, comms=comms, cgroups=cgroups)
     preflight.check()
     spec.validate()
@@ -98,7 +108,10 @@ def _agent_trace(
         raise QtraceError(f"cannot write {out}: {out.parent} is not a directory")
     sink = JsonlSink(out)
     tracer = Tracer(
-        spec, sink, extractor, ProbeConfig(ring_pages=ring_pages, capture_bytes=capture_bytes)
+        spec,
+        sink,
+        extractor,
+        ProbeConfig(ring_pages=ring_pages, capture_bytes=capture_bytes, groups=groups),
     )
 
     stop_on_signals(tracer.stop_event)
@@ -154,11 +167,25 @@ def agent_run(
     ring_pages: Annotated[
         int, typer.Option(help="Ring buffer per session, in 4 KiB pages (power of two).")
     ] = 1024,
+    spool_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where batches wait on disk while the collector is away "
+            "[/var/lib/qtrace/spool/NODE]; one agent per directory."
+        ),
+    ] = None,
+    spool_max_bytes: Annotated[
+        str, typer.Option(help="Bound of the spool (bytes, or with K, M, G).")
+    ] = "1G",
+    max_memory: Annotated[
+        int, typer.Option(help="Memory cap in MiB: near it, queued batches go to the spool.")
+    ] = 512,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the node agent: apply the collector's sessions here and ship their events."""
     from agent import preflight
     from agent.runtime import AgentRuntime, default_node
+    from agent.spool import MIN_BYTES
     from agent.targets import TargetSpec
 
     log_to_stderr(verbose)
@@ -169,8 +196,23 @@ def agent_run(
             TargetSpec.cgroup_dir(scope_cgroup)
         if ring_pages < 1 or ring_pages & (ring_pages - 1):
             raise QtraceError("--ring-pages must be a power of two (1, 2, 4, ...)")
+        spool_bytes = parse_size(spool_max_bytes, "--spool-max-bytes")
+        if spool_bytes < MIN_BYTES:
+            raise QtraceError(f"--spool-max-bytes must be at least {MIN_BYTES // 1024}K")
+        if max_memory < 64:
+            raise QtraceError(f"--max-memory is in MiB and must be at least 64, not {max_memory}")
+        creds = credentials()
+        creds.check()
+        node = node or default_node()
         runtime = AgentRuntime(
-            collector, node or default_node(), scope=scope_cgroup, ring_pages=ring_pages
+            collector,
+            node,
+            scope=scope_cgroup,
+            ring_pages=ring_pages,
+            credentials=creds,
+            spool_dir=spool_dir or Path("/var/lib/qtrace/spool") / node,
+            spool_max_bytes=spool_bytes,
+            max_memory=max_memory << 20,
         )
     except QtraceError as e:
         fail(e)
@@ -181,3 +223,14 @@ def agent_run(
         highlight=False,
     )
     runtime.run()
+
+
+def parse_size(text: str, option: str) -> int:
+    """'1G', '512M', '64K' or plain bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = units.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in units else t
+    if not digits.isdigit():
+        raise QtraceError(f"{option} must be a size like 1G, 512M or 65536, not {text!r}")
+    return int(digits) * scale

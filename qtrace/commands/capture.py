@@ -10,6 +10,7 @@ import grpc
 import typer
 
 from qtrace.api.v1 import services_pb2, services_pb2_grpc
+from qtrace.client import channel as open_channel
 from qtrace.client import parse_addr, rpc_error
 from qtrace.errors import QtraceError
 from qtrace.output import (
@@ -85,7 +86,7 @@ def capture(
         target = parse_addr(collector)
         if not out_file.parent.is_dir():
             raise QtraceError(f"cannot write {out_file}: {out_file.parent} is not a directory")
-        channel = grpc.insecure_channel(target)
+        channel = open_channel(target)
         stub = services_pb2_grpc.ControlServiceStub(channel)
         try:
             with out_file.open("w", encoding="utf-8") as f:

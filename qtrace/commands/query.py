@@ -105,17 +105,14 @@ def status(collector: CollectorOpt = DEFAULT_ADDR, fmt: FormatOpt = DEFAULT_FORM
         )
     out.print(t)
     s = Table(title="sessions", title_justify="left")
-    for col in ("session", "node", "events stored", "dropped"):
-        s.add_column(col, justify="right" if col in ("events stored", "dropped") else "left")
+    for col in ("session", "node", "events stored", "dropped", "shed"):
+        s.add_column(col, justify="left" if col in ("session", "node") else "right")
     for r in sessions:
-        style = "red" if r["dropped"] else None
+        style = "red" if r["dropped"] else "yellow" if r["shed"] else None
         s.add_row(
-            shown(r["session_id"]),
-            shown(r["node"]),
-            str(r["events_stored"]),
-            str(r["dropped"]),
-            style=style,
-        )
+            shown(r["session_id"]), shown(r["node"]), str(r["events_stored"]), str(r["dropped"]),
+            str(r["shed"]), style=style,
+        )  # fmt: skip
     out.print(s)
     out.print(f"{resp.events_stored} events stored")
 

@@ -55,7 +55,13 @@ def start(
     ] = None,
     cgroup: Annotated[list[str] | None, typer.Option("--cgroup", help="cgroup v2 path.")] = None,
     duration: Annotated[str, typer.Option(help="How long: 90s, 10m, 2h.")] = "10m",
-    probes: Annotated[str, typer.Option(help="Probe groups: net,storage or all.")] = "all",
+    probes: Annotated[
+        str,
+        typer.Option(
+            help="Probe groups, of net,storage,sched,memory,node; `all` is every one. "
+            "Default: all but node (node-wide context costs every process on the node)."
+        ),
+    ] = "",
     query_id_header: Annotated[str | None, typer.Option(help="[X-Query-Id]")] = None,
     query_id_regex: Annotated[str | None, typer.Option(help="Group 1 is the id.")] = None,
     capture_requests: Annotated[
@@ -65,6 +71,14 @@ def start(
     capture_bytes: Annotated[int, typer.Option(help="Bytes kept per request.")] = 1024,
     redact_header: RedactHeaderOpt = None,
     redact: RedactOpt = None,
+    max_event_rate: Annotated[
+        int,
+        typer.Option(
+            help="Events/s per node leaving the kernel; over it they are counted and sampled "
+            "(never slowing the traced service). 0: the collector's default, 200000.",
+            min=0,
+        ),
+    ] = 0,
     collector: CollectorOpt = DEFAULT_ADDR,
     fmt: FormatOpt = DEFAULT_FORMAT,
 ) -> None:
@@ -100,6 +114,7 @@ def start(
                 max_bytes=capture_bytes,
                 redact=redaction,
             ),
+            max_event_rate=max_event_rate,
         )
         with control(collector) as call:
             s = call("StartSession", req)
@@ -170,16 +185,16 @@ def status(
         return
     out.print(_sessions_table([obj]))
     t = Table(title="per agent", title_justify="left")
-    for col in ("node", "agent", "events stored", "batches", "dropped", "state"):
+    for col in ("node", "agent", "events stored", "batches", "dropped", "shed", "state"):
         t.add_column(col, justify="right" if col not in ("node", "agent", "state") else "left")
     for a in obj["agents"]:
-        style = "red" if a["dropped"] or a["error"] else None
+        style = "red" if a["dropped"] or a["error"] else "yellow" if a["shed"] else None
         state = (
             f"failed: {a['error']}" if a["error"] else "complete" if a["complete"] else "tracing"
         )
         t.add_row(
             shown(a["node"]), shown(a["agent_id"]), str(a["events_stored"]), str(a["batches"]),
-            str(a["dropped"]), shown(state), style=style,
+            str(a["dropped"]), str(a["shed"]), shown(state), style=style,
         )  # fmt: skip
     out.print(t)
 

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from qtrace.api.v1 import anomalies_pb2, services_pb2_grpc
+from qtrace.client import channel
 from qtrace.replay.compare import Response
 from qtrace.replay.runner import Outcome
 
@@ -68,7 +69,7 @@ def anomalies_of(o: Outcome, session_id: str) -> list[anomalies_pb2.Anomaly]:
 class Reporter:
     def __init__(self, collector: str, session_id: str) -> None:
         self.session_id = session_id
-        self._channel = grpc.insecure_channel(collector)
+        self._channel = channel(collector)
         self._stub = services_pb2_grpc.ControlServiceStub(self._channel)
         self._q: queue.Queue[anomalies_pb2.Anomaly | None] = queue.Queue()
         self.sent = 0

@@ -118,6 +118,8 @@ class DropCounter(_message.Message):
     LOST_MAPFULL_FIELD_NUMBER: _builtins.int
     FILTERED_FIELD_NUMBER: _builtins.int
     LOST_AGENT_FIELD_NUMBER: _builtins.int
+    LOST_SPOOL_FIELD_NUMBER: _builtins.int
+    SHED_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     produced: _builtins.int
     received: _builtins.int
@@ -125,7 +127,13 @@ class DropCounter(_message.Message):
     lost_mapfull: _builtins.int
     filtered: _builtins.int
     lost_agent: _builtins.int
-    """dropped by the agent (spool full)"""
+    """dropped by the agent (refused by the collector, queue full)"""
+    lost_spool: _builtins.int
+    """dropped by the agent: its on-disk spool was full or unwritable"""
+    shed: _builtins.int
+    """Over the session's event-rate limit: counted in the kernel, not shipped (one in 64
+    still is, as a sample). Not a loss of accounting, but a gap in the detail.
+    """
     def __init__(
         self,
         *,
@@ -136,10 +144,12 @@ class DropCounter(_message.Message):
         lost_mapfull: _builtins.int = ...,
         filtered: _builtins.int = ...,
         lost_agent: _builtins.int = ...,
+        lost_spool: _builtins.int = ...,
+        shed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filtered", b"filtered", "kind", b"kind", "lost_agent", b"lost_agent", "lost_mapfull", b"lost_mapfull", "lost_ringbuf", b"lost_ringbuf", "produced", b"produced", "received", b"received"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filtered", b"filtered", "kind", b"kind", "lost_agent", b"lost_agent", "lost_mapfull", b"lost_mapfull", "lost_ringbuf", b"lost_ringbuf", "lost_spool", b"lost_spool", "produced", b"produced", "received", b"received", "shed", b"shed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

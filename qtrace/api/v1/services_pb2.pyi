@@ -30,8 +30,11 @@ class StartSessionRequest(_message.Message):
     DURATION_NS_FIELD_NUMBER: _builtins.int
     STARTED_BY_FIELD_NUMBER: _builtins.int
     CAPTURE_FIELD_NUMBER: _builtins.int
+    MAX_EVENT_RATE_FIELD_NUMBER: _builtins.int
     duration_ns: _builtins.int
     started_by: _builtins.str
+    max_event_rate: _builtins.int
+    """events/s per node leaving the kernel; 0: the default"""
     @_builtins.property
     def targets(self) -> _sessions_pb2.Targets: ...
     @_builtins.property
@@ -49,10 +52,11 @@ class StartSessionRequest(_message.Message):
         duration_ns: _builtins.int = ...,
         started_by: _builtins.str = ...,
         capture: _sessions_pb2.Capture | None = ...,
+        max_event_rate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "extractor", b"extractor", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "duration_ns", b"duration_ns", "extractor", b"extractor", "probes", b"probes", "started_by", b"started_by", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "duration_ns", b"duration_ns", "extractor", b"extractor", "max_event_rate", b"max_event_rate", "probes", b"probes", "started_by", b"started_by", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -167,6 +171,7 @@ class SessionAgentStats(_message.Message):
     DROPPED_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SHED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     agent_id: _builtins.str
     node: _builtins.str
@@ -179,6 +184,8 @@ class SessionAgentStats(_message.Message):
     """the agent sent its final batch: nothing more will come"""
     error: _builtins.str
     """why the agent could not trace the session, if it could not"""
+    shed: _builtins.int
+    """events over the session's rate limit (see DropCounter.shed)"""
     @_builtins.property
     def drops(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.DropCounter]: ...
     def __init__(
@@ -194,10 +201,11 @@ class SessionAgentStats(_message.Message):
         dropped: _builtins.int = ...,
         complete: _builtins.bool = ...,
         error: _builtins.str = ...,
+        shed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "batches", b"batches", "complete", b"complete", "dropped", b"dropped", "drops", b"drops", "duplicates", b"duplicates", "error", b"error", "events_stored", b"events_stored", "node", b"node", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "batches", b"batches", "complete", b"complete", "dropped", b"dropped", "drops", b"drops", "duplicates", b"duplicates", "error", b"error", "events_stored", b"events_stored", "node", b"node", "session_id", b"session_id", "shed", b"shed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -192,6 +192,7 @@ class Session(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     STOPPED_NS_FIELD_NUMBER: _builtins.int
     CAPTURE_FIELD_NUMBER: _builtins.int
+    MAX_EVENT_RATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     created_ns: _builtins.int
     """collector wall clock"""
@@ -200,6 +201,10 @@ class Session(_message.Message):
     started_by: _builtins.str
     state: Global___SessionState.ValueType
     stopped_ns: _builtins.int
+    max_event_rate: _builtins.int
+    """Events per second per node that may leave the kernel; over it they are counted as
+    shed and sampled, so the traced service never waits for qtrace.
+    """
     @_builtins.property
     def targets(self) -> Global___Targets: ...
     @_builtins.property
@@ -223,10 +228,11 @@ class Session(_message.Message):
         state: Global___SessionState.ValueType = ...,
         stopped_ns: _builtins.int = ...,
         capture: Global___Capture | None = ...,
+        max_event_rate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "extractor", b"extractor", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "created_ns", b"created_ns", "expires_ns", b"expires_ns", "extractor", b"extractor", "id", b"id", "probes", b"probes", "started_by", b"started_by", "state", b"state", "stopped_ns", b"stopped_ns", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "created_ns", b"created_ns", "expires_ns", b"expires_ns", "extractor", b"extractor", "id", b"id", "max_event_rate", b"max_event_rate", "probes", b"probes", "started_by", b"started_by", "state", b"state", "stopped_ns", b"stopped_ns", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

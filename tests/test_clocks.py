@@ -1,0 +1,80 @@
+"""Node clocks refined by happens-before pairs: a node whose stored clock puts receives
+before their sends is moved, on a real DuckDB store, and the explanation carries it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from collector.clocks import Aligner, solve
+from collector.explain import explain
+from collector.store import Store
+from qtrace.api.v1.events_pb2 import Event
+from tests.test_store import batch, event
+
+T0 = 1_700_000_000_000_000_000
+MS = 1_000_000
+ROOT, LEAF = "10.0.0.1:5000", "10.0.0.2:80"
+
+
+def exchange(qid: str, t: int, skew: int) -> tuple[list[Event], list[Event]]:
+    """One root->leaf sub-request: the root writes at t and reads the answer at t+3ms; the
+    leaf reads the request at t+1ms and answers at t+2ms, on a clock ``skew`` off."""
+    fwd, back = f"{ROOT}->{LEAF}", f"{LEAF}->{ROOT}"
+    common = {"query_id": qid, "group": "net", "fd": 5}
+    root = [
+        event(ts_ns=t - 5 * MS, dur_ns=1000, kind="read", target="1.1.1.1:9->10.0.0.1:8080",
+              pid=1, tid=1, comm="root", **common),
+        event(ts_ns=t, dur_ns=10_000, kind="write", target=fwd, pid=1, tid=1, comm="root",
+              **common),
+        event(ts_ns=t + 10_000, dur_ns=3 * MS - 10_000, kind="read", target=fwd, pid=1, tid=1,
+              comm="root", **common),
+    ]  # fmt: skip
+    leaf = [
+        event(ts_ns=t + skew, dur_ns=1 * MS, kind="read", target=back, pid=2, tid=2,
+              comm="leaf", **common),
+        event(ts_ns=t + 2 * MS + skew, dur_ns=10_000, kind="write", target=back, pid=2, tid=2,
+              comm="leaf", **common),
+    ]  # fmt: skip
+    return root, leaf
+
+
+def test_solve_moves_a_node_to_the_nearest_consistent_shift() -> None:
+    # root -> leaf: shift(leaf) > 4 ms; leaf -> root: shift(root) - shift(leaf) > -6 ms.
+    a = solve([("root", "leaf", 4 * MS), ("leaf", "root", -6 * MS)])
+    assert 4 * MS < relative(a.shifts, "leaf", "root") < 6 * MS
+    assert a.uncertainty_ns == 2 * MS
+    # Consistent already: nothing moves.
+    a = solve([("root", "leaf", -1 * MS), ("leaf", "root", -1 * MS)])
+    assert not any(a.shifts.values())
+    # Contradictory (a clock stepped mid-session): left alone.
+    assert not any(solve([("root", "leaf", 5 * MS), ("leaf", "root", 5 * MS)]).shifts.values())
+
+
+def relative(shifts: dict[str, int], node: str, ref: str) -> int:
+    return shifts.get(node, 0) - shifts.get(ref, 0)
+
+
+def test_a_skewed_node_is_aligned_in_explanations(tmp_path: Path) -> None:
+    skew = -4 * MS  # the leaf's stored clock is 4 ms behind: it reads before root wrote
+    with Store(tmp_path / "q.duckdb") as store:
+        roots, leaves = [], []
+        for i in range(30):
+            r, lf = exchange(f"q{i}", T0 + i * 10 * MS, skew)
+            roots += r
+            leaves += lf
+        store.ingest(batch(1, roots, agent_id="a", node="node-root"), 0)
+        store.ingest(batch(1, leaves, agent_id="b", node="node-leaf"), 0)
+        a = Aligner(store).alignment("s1")
+        # Bytes must arrive after they were sent and answers before they are read.
+        assert 3 * MS < relative(a.shifts, "node-leaf", "node-root") < 5 * MS
+        x = explain(store, "q7", [])
+        root = next(h for h in x["hops"] if h["comm"] == "root")
+        leaf = next(h for h in x["hops"] if h["comm"] == "leaf")
+        assert root["start_ns"] <= leaf["start_ns"] and leaf["end_ns"] <= root["end_ns"]
+        assert x["completeness"]["clock_uncertainty_ns"] <= 30
+        # The query's events come back aligned too: the request arrives after it was sent.
+        events, _, _ = Aligner(store).events("q7", 100)
+        at = {(ne.node, ne.event.kind): ne.event for ne in events}
+        sent, received = at[("node-root", "write")], at[("node-leaf", "read")]
+        assert sent.ts_ns < received.ts_ns + received.dur_ns
+        assert [ne.event.ts_ns for ne in events] == sorted(ne.event.ts_ns for ne in events)
