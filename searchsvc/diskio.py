@@ -185,6 +185,11 @@ class Readers:
             self._cond.notify_all()
             return StormWindow(start, self._until_ns)
 
+    def calm(self) -> None:
+        """End the storm now: each reader finishes the read it is in."""
+        with self._cond:
+            self._until_ns = time.monotonic_ns()
+
     def _read(self, seed: int) -> None:
         buf = mmap.mmap(-1, self._block)
         rng = random.Random(seed)
@@ -220,9 +225,13 @@ class Readers:
 
 def serve(fds: list[int], readers: Readers) -> None:
     while line := sys.stdin.readline():
+        if line.strip() == "calm":
+            readers.calm()
+            say("calm")
+            continue
         ms = parse_storm(line)
         if ms is None:
-            say(f"error: expected 'storm MS', got {line.strip()!r}")
+            say(f"error: expected 'storm MS' or 'calm', got {line.strip()!r}")
             continue
         evicted = evict(fds)
         window = readers.storm(ms)

@@ -53,11 +53,15 @@ With ``disk-io`` enabled, the leaf starts a :mod:`searchsvc.diskio` child
 process, which writes a :data:`SCRATCH_MB` MiB scratch file
 ``<index>/diskio.scratch`` on the same file system as the index.  On the fault
 (``"fault": "disk-io"``, ``"diskio_pid"``, ``"evicted_pages"``,
-``"diskio_start_ns"`` and ``"diskio_end_ns"``) the handler tells it to storm
-for :data:`DISK_STORM_MS`: the neighbour drops the leaf's index shards from the
-page cache, starts its O_DIRECT readers and answers once they are all reading;
-the handler then does its usual preads, which now miss the page cache and
-queue for the disk behind the neighbour's reads.  The answer is the same, later.
+``"diskio_start_ns"`` and ``"diskio_end_ns"``) the query that drew it arms a
+storm from a background thread: the neighbour drops the leaf's index shards from
+the page cache and starts its O_DIRECT readers.  The next query the leaf serves
+(without a fault of its own) suffers it and is journaled with the fault: its
+usual preads miss the page cache and queue for the disk behind the neighbour's
+reads, and the storm is calmed when it is done (or ends after
+:data:`ARMED_STORM_MS`).  Arming one query ahead keeps the wait for the
+neighbour to get going out of every query's time, as with a real neighbour,
+which does not wait for anyone.  The answer is the same, later.
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ LOCK_FILE = "refresh.lock"
 # How long the disk-io neighbour keeps reading after a disk-io fault; the
 # faulty query's cold preads take a few tens of milliseconds within it.
 DISK_STORM_MS = 100
+# An armed storm lasts until its query is done (calm), or this long if none comes.
+ARMED_STORM_MS = 2000
 SCRATCH_FILE = "diskio.scratch"
 SCRATCH_MB = 256
 CHILD_START_TIMEOUT_S = 10.0
@@ -342,6 +348,11 @@ class DiskIo(_Child):
             case other:
                 raise RuntimeError(f"{self.name} {self.pid}: bad answer {other!r}")
 
+    def calm(self) -> None:
+        """End the current storm early."""
+        if self._ask("calm") != ["calm"]:
+            raise RuntimeError(f"{self.name} {self.pid}: bad answer to calm")
+
 
 @contextlib.contextmanager
 def shared_lock(path: Path) -> Iterator[None]:
@@ -376,16 +387,43 @@ class LeafHandler(JsonHandler):
     # The disk neighbour; None unless disk-io is enabled.
     diskio: ClassVar[DiskIo | None] = None
 
+    # disk-io storms armed by one query's draw, for the next query to suffer.
+    armed: ClassVar[list[tuple[int, StormWindow]]] = []
+    armed_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def _arm_storm(cls) -> None:
+        assert cls.diskio is not None
+        evicted, window = cls.diskio.storm(ARMED_STORM_MS)
+        with cls.armed_lock:
+            cls.armed.append((evicted, window))
+
+    @classmethod
+    def _take_storm(cls) -> tuple[int, StormWindow] | None:
+        now = time.monotonic_ns()
+        with cls.armed_lock:
+            while cls.armed:
+                evicted, window = cls.armed.pop(0)
+                if window.end_ns - now > DISK_STORM_MS * 1_000_000:
+                    return evicted, window
+        return None
+
     def search(self, span: Span, q: str) -> tuple[int, Any]:
         fault = self.dice.draw()
         index = self.index
-        if fault == "disk-io" and self.diskio is not None:
-            evicted, window = self.diskio.storm(DISK_STORM_MS)
+        storm = self._take_storm() if fault is None and self.diskio is not None else None
+        if storm is not None and self.diskio is not None:
+            evicted, window = storm
             span.fault = "disk-io"
             span.diskio_pid = self.diskio.pid
             span.evicted_pages = evicted
             span.diskio_start_ns = window.start_ns
             span.diskio_end_ns = window.end_ns
+        if fault == "disk-io" and self.diskio is not None:
+            # This query's draw arms the storm that the next query suffers: the disk must
+            # be busy before that query's first read, and the wait for the neighbour to
+            # get going is no query's time (a real neighbour does not wait for us).
+            threading.Thread(target=self._arm_storm, name="arm-storm", daemon=True).start()
         if fault == "stale-index" and self.twin is not None:
             index = self.twin
             span.fault = "stale-index"
@@ -412,6 +450,8 @@ class LeafHandler(JsonHandler):
                 for doc, score in postings:
                     scores[doc] = scores.get(doc, 0.0) + score
             hits = top_hits(scores)
+        if storm is not None and self.diskio is not None:
+            self.diskio.calm()
         if fault == "deadline":
             span.fault = "slow"
             # This sleep is the simulated fault: answer after the root gave up.

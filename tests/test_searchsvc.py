@@ -1007,10 +1007,10 @@ def test_disk_io_slows_only_the_journaled_queries_reads(tmp_path: Path) -> None:
         recs = journal["records"]
         dice = FaultDice(FaultConfig(rate=rate, faults=faults, seed=seed), leaf)
         expected = Counter(dice.draw() for _ in range(n))
-        assert Counter(r["fault"] for r in recs) == {
-            None: expected[None],
-            "disk-io": expected["disk-io"],
-        }
+        # A draw arms a storm for a later query: the last draws may find none.
+        got = Counter(r["fault"] for r in recs)
+        assert set(got) <= {None, "disk-io"}
+        assert expected["disk-io"] - 2 <= got["disk-io"] <= expected["disk-io"], (got, expected)
         assert 2 <= expected["disk-io"] <= 20, expected
         for r in recs:
             assert r["preads"] == terms[r["query_id"]] * SHARDS
@@ -1024,15 +1024,14 @@ def test_disk_io_slows_only_the_journaled_queries_reads(tmp_path: Path) -> None:
             # The cache held pages of the index (at least the last faulty
             # query's, one per shard) and the neighbour dropped them.
             assert r["evicted_pages"] >= SHARDS, r
-            # The storm started inside the span, and the first pread began
-            # (at the latest at end - pread_ns) while the neighbour still read.
-            assert r["start_ns"] <= r["diskio_start_ns"] <= r["end_ns"] - r["pread_ns"]
-            assert r["end_ns"] - r["pread_ns"] < r["diskio_end_ns"]
+            # The storm was on before the first pread began (at the latest at
+            # end - pread_ns), armed by an earlier query, and still on then.
+            assert r["diskio_start_ns"] <= r["end_ns"] - r["pread_ns"] < r["diskio_end_ns"]
             assert r["diskio_end_ns"] - r["diskio_start_ns"] > DISK_STORM_MS * 10**6
         # The neighbour's O_DIRECT reads went to the disk, and so did the
         # leaf's reads of its evicted pages: at least a page per shard per fault.
-        assert neighbour_read[role] >= expected["disk-io"] * 1024 * 1024
-        assert leaf_read[role] >= expected["disk-io"] * SHARDS * 4096
+        assert neighbour_read[role] >= got["disk-io"] * 1024 * 1024
+        assert leaf_read[role] >= got["disk-io"] * SHARDS * 4096
     print(
         f"\ndisk-io: {len(faulty_ms)} faulty leaf answers, preads median "
         f"{statistics.median(faulty_ms):.2f} ms (max {max(faulty_ms):.1f}) vs "
