@@ -32,6 +32,8 @@ test: setup-test lint typecheck unit
 
 bench: setup
 	$(PY) bench/trace_overhead.py
+	$(PY) bench/trace_overhead.py --probes all
+	$(PY) bench/node_overhead.py
 	$(PY) bench/ingest_grpc.py
 	$(PY) bench/ingest_store.py
 	$(PY) bench/replay_throughput.py

@@ -20,8 +20,8 @@ from searchsvc.cluster import Cluster
 QTRACE = str(Path(sys.executable).parent / "qtrace")
 
 
-def traced(pids: list[int], out: Path) -> subprocess.Popen[str]:
-    args = [QTRACE, "agent", "trace", "--out", str(out), "--format", "json"]
+def traced(pids: list[int], out: Path, probes: str) -> subprocess.Popen[str]:
+    args = [QTRACE, "agent", "trace", "--out", str(out), "--format", "json", "--probes", probes]
     for pid in pids:
         args += ["--pid", str(pid)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--probes", default="", help="probe groups (default: all but node)")
     a = ap.parse_args()
     ratios = []
     with tempfile.TemporaryDirectory() as data, Cluster(Path(data)) as c:
@@ -45,7 +46,7 @@ def main() -> None:
         print(f"{'round':>5} {'untraced q/s':>13} {'traced q/s':>11} {'ratio':>6} {'events':>8}")
         for r in range(a.rounds):
             base = drive(c.root_url, a.seconds, a.concurrency) / a.seconds
-            agent = traced(pids, Path(data) / f"events-{r}.jsonl")
+            agent = traced(pids, Path(data) / f"events-{r}.jsonl", a.probes)
             try:
                 tr = drive(c.root_url, a.seconds, a.concurrency) / a.seconds
             finally:
