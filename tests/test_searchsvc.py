@@ -1024,9 +1024,11 @@ def test_disk_io_slows_only_the_journaled_queries_reads(tmp_path: Path) -> None:
             # The cache held pages of the index (at least the last faulty
             # query's, one per shard) and the neighbour dropped them.
             assert r["evicted_pages"] >= SHARDS, r
-            # The storm was on before the first pread began (at the latest at
-            # end - pread_ns), armed by an earlier query, and still on then.
-            assert r["diskio_start_ns"] <= r["end_ns"] - r["pread_ns"] < r["diskio_end_ns"]
+            # The storm, armed by an earlier query, was on before this one ended
+            # and still on when its first pread began (at the latest at
+            # end - pread_ns).
+            assert r["diskio_start_ns"] <= r["end_ns"]
+            assert r["end_ns"] - r["pread_ns"] < r["diskio_end_ns"]
             assert r["diskio_end_ns"] - r["diskio_start_ns"] > DISK_STORM_MS * 10**6
         # The neighbour's O_DIRECT reads went to the disk, and so did the
         # leaf's reads of its evicted pages: at least a page per shard per fault.
