@@ -452,6 +452,7 @@ class LeafHandler(JsonHandler):
             hits = top_hits(scores)
         if storm is not None and self.diskio is not None:
             self.diskio.calm()
+            span.diskio_end_ns = time.monotonic_ns()  # when it really ended
         if fault == "deadline":
             span.fault = "slow"
             # This sleep is the simulated fault: answer after the root gave up.
