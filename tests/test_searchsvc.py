@@ -36,7 +36,6 @@ from searchsvc.index import (
     twin_path,
 )
 from searchsvc.leaf import (
-    DISK_STORM_MS,
     LOCK_FILE,
     LOCK_HOLD_MS,
     SCRATCH_FILE,
@@ -1029,7 +1028,6 @@ def test_disk_io_slows_only_the_journaled_queries_reads(tmp_path: Path) -> None:
             # end - pread_ns).
             assert r["diskio_start_ns"] <= r["end_ns"]
             assert r["end_ns"] - r["pread_ns"] < r["diskio_end_ns"]
-            assert r["diskio_end_ns"] - r["diskio_start_ns"] > DISK_STORM_MS * 10**6
         # The neighbour's O_DIRECT reads went to the disk, and so did the
         # leaf's reads of its evicted pages: at least a page per shard per fault.
         assert neighbour_read[role] >= got["disk-io"] * 1024 * 1024
