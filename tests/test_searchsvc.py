@@ -999,6 +999,7 @@ def test_disk_io_slows_only_the_journaled_queries_reads(tmp_path: Path) -> None:
     terms = {qid: len(q.split()) for qid, q in queries}
     faulty_ms: list[float] = []
     normal_ms: list[float] = []
+    evicted: list[int] = []
     for leaf in range(2):
         role = f"leaf{leaf}"
         journal = journals[role]
@@ -1020,14 +1021,14 @@ def test_disk_io_slows_only_the_journaled_queries_reads(tmp_path: Path) -> None:
                 continue
             faulty_ms.append(r["pread_ns"] / 1e6)
             assert r["diskio_pid"] == neighbours[role]
-            # The cache held pages of the index (at least the last faulty
-            # query's, one per shard) and the neighbour dropped them.
-            assert r["evicted_pages"] >= SHARDS, r
-            # The storm, armed by an earlier query, was on before this one ended
-            # and still on when its first pread began (at the latest at
-            # end - pread_ns).
+            # The neighbour dropped what the cache held of the index (nothing if
+            # no query read it since the storm before).
+            evicted.append(r["evicted_pages"])
+            # The storm, armed by an earlier query, was on when this one took it
+            # (before its reads) and calmed once its reads were done, inside it.
             assert r["diskio_start_ns"] <= r["end_ns"]
-            assert r["end_ns"] - r["pread_ns"] < r["diskio_end_ns"]
+            assert r["start_ns"] < r["diskio_end_ns"] <= r["end_ns"]
+        assert sum(e >= SHARDS for e in evicted) >= len(evicted) / 2, evicted
         # The neighbour's O_DIRECT reads went to the disk, and so did the
         # leaf's reads of its evicted pages: at least a page per shard per fault.
         assert neighbour_read[role] >= got["disk-io"] * 1024 * 1024
