@@ -42,7 +42,9 @@ def test_capture_reproduces_requests(tmp_path: Path) -> None:
     sent: list[Sent] = []
     try:
         with Cluster(tmp_path / "svc") as c:
-            start = ["session", "start", "--comm", "qt-root", "--collector", col.addr]
+            # By pid: another qt-root on the machine (a test cluster) is not ours.
+            root = str(c.pids["root"])
+            start = ["session", "start", "--pid", root, "--collector", col.addr]
             heads = qtrace_json(*start, "--capture-requests")["session_id"]
             bodies = qtrace_json(*start, "--capture-bodies")["session_id"]
             for sid in (heads, bodies):

@@ -233,7 +233,11 @@ def test_a_full_spool_is_counted_and_shown(tmp_path: Path) -> None:
             received, kept, lost = accounted(row)
             assert row["drops"]["*"]["lost_spool"] > 0 and row["dropped"] >= lost
             assert received == kept + lost, row
-            assert row["drops"]["pwrite64"]["received"] == 20000
+            # Every write is accounted for in the kernel too: shipped, or lost there when
+            # a loaded machine starves the agent (counted), or shed by the rate limit.
+            d = row["drops"]["pwrite64"]
+            assert d["produced"] + d["shed"] == 20000, d
+            assert d["received"] + d["lost_ringbuf"] + d["lost_mapfull"] == d["produced"], d
             status = qtrace_json("status", "--collector", col.addr)
             mine = [s for s in status["sessions"] if s["agent_id"] == agent.agent_id]
             assert mine and mine[0]["drops"]["*"]["lost_spool"] == lost
