@@ -2,6 +2,7 @@
 # Tears down what scripts/k8s/up.sh started and leaves nothing behind except the build and
 # image caches in $CACHE: processes, containers, mounts, network namespaces, links, cgroups,
 # iptables chains, sysctls and the state dir. Safe to run twice or after a failed up.sh.
+# No `set -e`: every step is best effort, so one failure does not leave the rest behind.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/lib.sh"
@@ -21,7 +22,10 @@ stop() {
     kill -TERM "$pid" 2>/dev/null
     local deadline=$(( $(date +%s) + 15 ))
     while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < deadline )); do sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null
+    if kill -0 "$pid" 2>/dev/null; then
+      say "$1 ignored SIGTERM for 15s: killed"
+      kill -KILL "$pid" 2>/dev/null
+    fi
   fi
   rm -f "$f"
 }

@@ -69,6 +69,8 @@ for i in agent collector searchsvc; do
   bud "qtrace-$i:dev" "$repo/images/$i"
   image_archive "qtrace-$i:dev" "$imgdir/qtrace-$i.tar"
 done
+# Rebuilt tags leave their previous images dangling; drop them so the cache does not grow.
+bah rmi --prune >/dev/null 2>&1 || true
 say "images built in $(( $(date +%s) - start ))s"
 
 # --- import into every node's containerd that runs -------------------------------------------

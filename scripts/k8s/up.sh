@@ -30,6 +30,7 @@ ip link show "$BRIDGE" >/dev/null 2>&1 && die "interface $BRIDGE already exists:
 
 start=$(date +%s)
 mkdir -p "$STATE" "$RUN" "$LOGS" "$STATE/pki"
+trap '[[ $? -eq 0 ]] || echo "qtrace k8s: up.sh failed half-way: scripts/k8s/down.sh removes what it started" >&2' EXIT
 # down.sh reads this list to know what to undo, in reverse order.
 record() { echo "$*" >>"$STATE/undo"; }
 
@@ -232,6 +233,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri.v1alpha2", "io.containerd.snapsho
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "docker.io/library/qtrace-pause:dev"
   restrict_oom_score_adj = true
+  # Pod network namespaces under our state dir, not /run/netns: down.sh finds them all there.
+  netns_mounts_under_state_dir = true
   stream_server_address = "${NODE_IP[$n]}"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".containerd]
