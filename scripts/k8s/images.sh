@@ -67,8 +67,11 @@ bud() {  # bud NAME FOLDER: build images/FOLDER/Containerfile as NAME with FOLDE
 bud qtrace-python:dev "$ctx"
 for i in agent collector searchsvc; do
   bud "qtrace-$i:dev" "$repo/images/$i"
-  image_archive "qtrace-$i:dev" "$imgdir/qtrace-$i.tar"
+  image_archive "qtrace-$i:dev" "$ctx/qtrace-$i.tar"
 done
+"$here/merge-archives.py" "$imgdir/qtrace-images.tar.tmp" "$ctx"/qtrace-{agent,collector,searchsvc}.tar \
+  || die "cannot merge the image archives"
+mv "$imgdir/qtrace-images.tar.tmp" "$imgdir/qtrace-images.tar"
 # Rebuilt tags leave their previous images dangling; drop them so the cache does not grow.
 bah rmi --prune >/dev/null 2>&1 || true
 say "images built in $(( $(date +%s) - start ))s"
@@ -78,10 +81,8 @@ imported=0
 for n in "${NODES[@]}"; do
   sock=$RUN/$n-containerd.sock
   [[ -S $sock ]] || continue
-  for i in agent collector searchsvc; do
-    ctr --address "$sock" -n k8s.io images import "$imgdir/qtrace-$i.tar" >/dev/null \
-      || die "cannot import qtrace-$i:dev into $n's containerd"
-  done
+  ctr --address "$sock" -n k8s.io images import "$imgdir/qtrace-images.tar" >/dev/null \
+    || die "cannot import the qtrace images into $n's containerd"
   imported=1
 done
 if ((imported)); then
