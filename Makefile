@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test demo test lint typecheck unit fuzz bench protos clean
+.PHONY: setup setup-test demo test test-k8s lint typecheck unit fuzz bench protos clean
 
 setup:
 	bash scripts/setup.sh
@@ -18,8 +18,9 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
+# tests/k8s/ needs a real cluster: `make test-k8s` runs it.
 unit:
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --ignore=tests/k8s
 
 # The hostile-input properties run far longer than in CI (about 200 times the examples).
 fuzz:
@@ -29,6 +30,11 @@ setup-test:
 	bash scripts/setup.sh --test
 
 test: setup-test lint typecheck unit
+
+# A real two-node Kubernetes cluster on this machine (scripts/k8s/README.md): built once,
+# brought up, tested, and torn down even on failure.
+test-k8s: setup-test
+	bash scripts/k8s/test.sh
 
 bench: setup
 	$(PY) bench/trace_overhead.py
