@@ -38,6 +38,7 @@ _PATH_ONLY = (_K["unlink"], _K["unlinkat"])
 _RENAMES = (_K["rename"], _K["renameat2"])
 _TCP = (_K["inet_sock_set_state"], _K["tcp_retransmit_skb"])
 _MEMORY = (_K["page_fault"], _K["mmap_lock"])
+_LOCKS = (_K["flock"], _K["fcntl"])
 _PROC_PID = re.compile(r"^/proc/(\d+)(/|$)")
 
 
@@ -225,7 +226,7 @@ class Decoder:
             if entry is not None:
                 target = entry.target
                 fdtype = entry.fdtype if fdtype == abi.FD_UNKNOWN else fdtype
-            if kind == _K["flock"]:
+            if kind in _LOCKS:
                 # Node-wide: a neighbour's lock matters only on a file our targets lock.
                 if self.is_target(tgid, cgroup_id):
                     if target:
@@ -234,8 +235,13 @@ class Decoder:
                     self.context_skipped += 1  # received, deliberately not kept
                     return None
                 op = int(arg0)
-                what = {1: "LOCK_SH", 2: "LOCK_EX", 8: "LOCK_UN"}.get(op & 11, str(op))
-                detail = {"op": what + ("|LOCK_NB" if op & 4 else "")}
+                if kind == _K["flock"]:
+                    what = {1: "LOCK_SH", 2: "LOCK_EX", 8: "LOCK_UN"}.get(op & 11, str(op))
+                    detail = {"op": what + ("|LOCK_NB" if op & 4 else "")}
+                else:  # the command, and the lock type as an exclusive/shared word
+                    cmd = {6: "F_SETLK", 7: "F_SETLKW", 37: "F_OFD_SETLK", 38: "F_OFD_SETLKW"}
+                    lock = {0: "LOCK_SH", 1: "LOCK_EX", 2: "LOCK_UN"}.get(int(arg1), "?")
+                    detail = {"op": f"{lock}|{cmd.get(op, str(op))}"}
             if kind in (_K["sendfile64"], _K["splice"]):
                 src = res.lookup(tgid, int(arg0), abi.FD_FILE)
                 detail = {"in_fd": int(arg0), "in_target": src.target if src else None}
@@ -246,7 +252,7 @@ class Decoder:
             group = "sched"
         elif kind in _MEMORY:
             group = "memory"
-        elif name == "flock":
+        elif kind in _LOCKS:
             group = "lock"
         elif fdtype == abi.FD_OTHER:
             group = "other"  # pipes, eventfds, ttys: neither network nor storage
@@ -290,7 +296,7 @@ class Decoder:
                     self.watched.add(path)
                     self.watch_file(path)
             return True
-        if kind == _K["flock"]:
+        if kind in _LOCKS:
             return True  # lock context filters itself
         for path in paths:
             m = _PROC_PID.match(path)

@@ -42,6 +42,7 @@ PROBE_GROUPS: dict[str, frozenset[str]] = {
         "unlinkat",
         "block_rq",
         "flock",
+        "fcntl",
     },
     # Request threads waiting for a CPU (and what ran instead), or asleep outside any
     # traced syscall.

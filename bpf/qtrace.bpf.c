@@ -268,7 +268,7 @@ static __always_inline int is_path_kind(u16 kind)
  * /proc entry) and any fd operation on a file of the targets. */
 static __always_inline int node_wide(u16 kind, u32 tgid, s32 fd)
 {
-	if (kind == QT_K_FLOCK) {
+	if (kind == QT_K_FLOCK || kind == QT_K_FCNTL) {
 		int two = 2;
 		u64 *on = config.lookup(&two);
 		if (on && *on)
@@ -610,6 +610,18 @@ QT_FD_SYSCALL(fdatasync, QT_K_FDATASYNC, fd, 0, 0, 0)
 QT_FD_SYSCALL(ftruncate, QT_K_FTRUNCATE, fd, args->length, 0, 0)
 QT_FD_SYSCALL(unlinkat, QT_K_UNLINKAT, dfd, args->flag, 0, args->pathname)
 QT_FD_SYSCALL(flock, QT_K_FLOCK, fd, args->cmd, 0, 0)
+
+/* fcntl is mostly F_GETFL and friends: only record-lock commands go further. */
+int qt_e_fcntl(struct tracepoint__syscalls__sys_enter_fcntl *args)
+{
+	u32 cmd = args->cmd;
+	if (cmd != 6 && cmd != 7 && cmd != 37 && cmd != 38) /* F_SETLK[W], F_OFD_SETLK[W] */
+		return 0;
+	short type = -1; /* struct flock starts with l_type (UAPI) */
+	bpf_probe_read_user(&type, sizeof(type), (void *)args->arg);
+	return on_enter(QT_K_FCNTL, (s32)args->fd, cmd, (u64)(u16)type, 0, 0);
+}
+QT_EXIT(fcntl, QT_K_FCNTL)
 
 /* The first polled fd names what is waited for (its target); usually there is one. */
 static __always_inline s32 first_pollfd(const void *ufds)

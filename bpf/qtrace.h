@@ -75,7 +75,10 @@ enum qt_kind {
 	/* A request thread asleep outside any traced syscall (sched group): a sleep, a
 	 * futex, a lock of the runtime. */
 	QT_K_OFFCPU = 41,
-	QT_K_MAX = 42,
+	/* POSIX and OFD record locks (fcntl F_SETLK[W], F_OFD_SETLK[W] only): node-wide with
+	 * lock context, like flock. */
+	QT_K_FCNTL = 42,
+	QT_K_MAX = 43,
 };
 
 /* What an fd is, as far as the kernel side knows (user space teaches it the rest). */
