@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STALE_SECONDS = 10.0
+# A session start compiles its BPF programs on the main loop (seconds on a busy node).
+STALE_SECONDS = 60.0
 
 
 class HealthServer:

@@ -38,12 +38,12 @@ class UnknownSession(KeyError):
 
 def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
     t = req.targets
+    if t.label_selector and not t.namespaces:
+        raise SessionError("--selector needs --namespace")
     if not (t.pids or t.comms or t.cmdline_regexes or t.cgroups or t.namespaces or t.pods):
         raise SessionError(
             "a session needs a target: --namespace, --pod, --pid, --comm, --cmdline or --cgroup"
         )
-    if t.label_selector and not t.namespaces:
-        raise SessionError("--selector needs --namespace")
     _validate_pod_targets(t)
     for rx in t.cmdline_regexes:
         try:
