@@ -70,14 +70,28 @@ def container_id(status_id: str) -> str:
     return status_id.rpartition("://")[2]
 
 
+def _kubepods_dirs(root: Path, depth: int = 3) -> list[str]:
+    """The kubelet's top cgroup(s), `kubepods*`, at most `depth` levels down (a kubelet
+    given --cgroup-root puts it below that, as several on one machine must)."""
+    found: list[str] = []
+    level = [str(root)]
+    for _ in range(depth):
+        nxt: list[str] = []
+        for d in level:
+            try:
+                entries = [e for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for e in entries:
+                (found if e.name.startswith("kubepods") else nxt).append(e.path)
+        level = nxt
+    return found
+
+
 def scan_cgroups(root: Path) -> dict[int, tuple[str, str | None]]:
     """cgroup id (directory inode) -> (pod uid, container id) for every pod cgroup."""
     found: dict[int, tuple[str, str | None]] = {}
-    try:
-        tops = [e.path for e in os.scandir(root) if e.is_dir() and e.name.startswith("kubepods")]
-    except OSError:
-        return found
-    for top in tops:
+    for top in _kubepods_dirs(root):
         for dirpath, _dirs, _files in os.walk(top):
             where = parse_cgroup_path(os.path.relpath(dirpath, root))
             if where is None:

@@ -202,6 +202,8 @@ class AgentRuntime:
                     if self.stop_event.is_set():
                         return
             except grpc.RpcError as e:
+                if self.stop_event.is_set():
+                    return  # the channel closed under us at shutdown: nothing to report
                 # Once per distinct problem: a refused certificate would otherwise fill the log.
                 problem = str(describe(e, self.collector, self.credentials))
                 if problem != said:

@@ -84,17 +84,18 @@ def cgroup_tree(*rels: str) -> Iterator[Path]:
 
 def test_scan_finds_every_container_cgroup_by_inode() -> None:
     systemd_uid = str(uuid.uuid4())
-    a = f"kubepods/burstable/pod{UID}/{CID}"
+    a = f"node-a/kubepods/burstable/pod{UID}/{CID}"  # a kubelet with --cgroup-root=/node-a
     b = (
         "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
         f"{systemd_uid.replace('-', '_')}.slice/cri-containerd-{CID2}.scope"
     )
-    with cgroup_tree(a, b, "system.slice/other.service") as root:
+    with cgroup_tree(a, b, "system.slice/other.service", f"user.slice/pod{UID}/{CID}") as root:
         found = scan_cgroups(root)
         assert found[(root / a).stat().st_ino] == (UID, CID)
         assert found[(root / b).stat().st_ino] == (systemd_uid, CID2)
         assert found[(root / a).parent.stat().st_ino] == (UID, None)
         assert (root / "system.slice/other.service").stat().st_ino not in found
+        assert (root / f"user.slice/pod{UID}/{CID}").stat().st_ino not in found
         assert all(uid in (UID, systemd_uid) for uid, _ in found.values())
 
 
