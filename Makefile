@@ -18,8 +18,9 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
+# tests/k8s/ needs a real cluster: `make test-k8s` runs it.
 unit:
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --ignore=tests/k8s
 
 # The hostile-input properties run far longer than in CI (about 200 times the examples).
 fuzz:
