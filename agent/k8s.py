@@ -213,7 +213,9 @@ class PodWatcher:
         while not self._stop.is_set():
             try:
                 core = self._core()
-                listed = core.list_pod_for_all_namespaces(field_selector=selector)
+                listed = core.list_pod_for_all_namespaces(
+                    field_selector=selector, _request_timeout=30
+                )
                 with self._lock:
                     self._pods = {p.metadata.uid: _pod(p) for p in listed.items}
                 self.problem = ""
@@ -226,6 +228,8 @@ class PodWatcher:
                     field_selector=selector,
                     resource_version=version,
                     timeout_seconds=60,
+                    # A connection that died silently ends too, and is listed again.
+                    _request_timeout=90,
                 ):
                     if self._stop.is_set():
                         w.stop()  # type: ignore[no-untyped-call]
@@ -265,7 +269,8 @@ class PodWatcher:
             return cached[1]
         exists: bool | None
         try:
-            self._core().read_namespace(name)
+            # Asked from the agent's main loop: never wait long for an answer.
+            self._core().read_namespace(name, _request_timeout=5)
             exists = True
         except ApiException as e:
             exists = False if e.status == 404 else None
