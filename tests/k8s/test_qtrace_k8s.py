@@ -27,6 +27,10 @@ TOOLS = Path(os.environ.get("QTRACE_TOOLS", "/var/cache/qtrace/tools"))
 NODES = ("node-a", "node-b")
 APP_NS = "qtrace-e2e"
 LEAVES = {"leaf-a": ("node-a", 0), "leaf-b": ("node-b", 1)}
+# The images are the manifests' `:dev` ones; another tag tests other builds on a shared
+# cluster without replacing its `:dev` images.
+TAG = os.environ.get("QTRACE_K8S_IMAGE_TAG", "dev")
+SEARCHSVC = f"qtrace-searchsvc:{TAG}"
 
 
 # -- deploying qtrace ----------------------------------------------------------------------
@@ -39,7 +43,10 @@ def render(how: str) -> str:
     else:
         helm = os.environ.get("QTRACE_HELM") or str(TOOLS / "helm")
         cmd = [helm, "template", "qtrace", str(REPO / "daemonset/helm/qtrace"), "-n", "qtrace"]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    for image in ("qtrace-agent", "qtrace-collector"):
+        text = text.replace(f"image: {image}:dev", f"image: {image}:{TAG}")
+    return text
 
 
 @dataclass
@@ -115,7 +122,7 @@ def leaf_deployment(name: str, node: str, leaf_id: int) -> dict[str, Any]:
                     "containers": [
                         {
                             "name": "leaf",
-                            "image": "qtrace-searchsvc:dev",
+                            "image": SEARCHSVC,
                             "imagePullPolicy": "Never",
                             "args": ["leaf", "--leaf-id", str(leaf_id), "--port", "8080"],
                             "ports": [{"containerPort": 8080}],
@@ -154,7 +161,7 @@ def root_pod() -> dict[str, Any]:
             "containers": [
                 {
                     "name": "root",
-                    "image": "qtrace-searchsvc:dev",
+                    "image": SEARCHSVC,
                     "imagePullPolicy": "Never",
                     "args": ["root", *leaves],
                     "ports": [{"containerPort": 8080}],
