@@ -95,7 +95,7 @@ def test_agent_asks_for_least_privilege(which: str) -> None:
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert set(sc["capabilities"]["add"]) <= {
-        "BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN", "SYS_RESOURCE"
+        "BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"
     }  # fmt: skip
     assert c["imagePullPolicy"] == "Never" and c["image"] == "qtrace-agent:dev"
     assert c["resources"]["requests"] and c["resources"]["limits"]
