@@ -223,6 +223,11 @@ def status(
             str(a["dropped"]), str(a["shed"]), shown(state), style=style,
         )  # fmt: skip
     out.print(t)
+    # Why a node traces nothing is worth reading whole: the table cuts long cells.
+    for a in obj["agents"]:
+        if a["error"]:
+            said = f"{a['node']}: {'failed' if a['complete'] else 'waiting'}: {a['error']}"
+            out.print(printable(said), markup=False, soft_wrap=True)
 
 
 @app.command("stop")

@@ -357,7 +357,8 @@ def test_a_selector_matching_nothing_is_said(deployed: Deployed, app: App) -> No
                 f"no pods on node {node} match namespace {APP_NS}, selector app=nothing-here"
             )
         text = qtrace("session", "status", sid, "--collector", deployed.collector).stdout
-        assert "waiting: no pods on node" in text
+        for node in NODES:
+            assert f"{node}: waiting: no pods on node {node} match namespace {APP_NS}" in text
     finally:
         stop(deployed, sid)
 
