@@ -5,6 +5,9 @@ selectors, session validation, and the agent's health endpoint."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -201,3 +204,33 @@ def test_health_endpoint_says_when_the_loop_is_stuck() -> None:
         assert get("/other")[0] == 404
     finally:
         server.close()
+
+
+def test_sockets_are_listed_in_the_process_own_network_namespace() -> None:
+    """A pod's sockets live in its network namespace: the agent lists them there (the
+    DaemonSet's agent is in a namespace of its own), never its own instead."""
+    from agent.netns import NetnsTable
+
+    code = (
+        "import socket, sys; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen();"
+        "print(s.getsockname()[1], flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--net", sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    here = socket.socket()
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        here.bind(("0.0.0.0", 0))
+        here.listen()
+        table = NetnsTable(proc.pid)
+        table.refresh(force=True)
+        assert table.listen_ports == {port}
+    finally:
+        here.close()
+        proc.kill()
+        proc.wait(10)
