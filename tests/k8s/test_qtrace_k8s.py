@@ -285,6 +285,8 @@ def test_session_by_label_traces_exactly_the_matching_pods(deployed: Deployed, a
             return evs if {e.get("pod") for e in evs} == set(leaves) else None
 
         poll(attributed, 60, f"events of the last query from both leaves {sorted(leaves)}")
+        ips = {name: p["status"]["podIP"] for name, p in app_pods().items()}
+        served: set[str] = set()
         for qid in ids[-10:]:
             evs = events_of(deployed, qid)
             assert evs, f"no events for {qid}"
@@ -294,6 +296,11 @@ def test_session_by_label_traces_exactly_the_matching_pods(deployed: Deployed, a
                 assert e["namespace"] == APP_NS and e["container"] == "leaf", e
                 assert e["node"] == leaves[e["pod"]], f"{e['pod']} is on {leaves[e['pod']]}"
             assert {e["node"] for e in evs} == set(NODES)
+            # Our side of the leaf's connections, found in the pod's own network namespace.
+            served |= {
+                e["pod"] for e in evs if (e["target"] or "").startswith(f"{ips[e['pod']]}:8080->")
+            }
+        assert served == set(leaves)
         st = status(deployed, sid)
         assert {a["node"] for a in st["agents"] if a["events_stored"]} == set(NODES)
         assert not [a for a in st["agents"] if a["error"]], st["agents"]
