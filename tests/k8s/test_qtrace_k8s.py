@@ -5,6 +5,7 @@ tracing (no pod matches, no such namespace, RBAC) is said in its status."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -100,6 +101,8 @@ def deployed(request: pytest.FixtureRequest) -> Iterator[Deployed]:
         kubectl("delete", "-f", "-", "--wait=true", stdin=manifests, check=False, timeout=180)
         kubectl("delete", "pv", f"qtrace-e2e-{how}", check=False)
         shutil.rmtree(data, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            data.parent.rmdir()  # when the other deployment's is gone too
 
 
 # -- the search service as pods ------------------------------------------------------------
