@@ -234,3 +234,30 @@ def test_sockets_are_listed_in_the_process_own_network_namespace() -> None:
         here.close()
         proc.kill()
         proc.wait(10)
+
+
+def test_pods_of_events_are_stored_and_read_back(tmp_path: Path) -> None:
+    """namespace/pod/container survive the wire, the store (also a file made before those
+    columns existed) and come back in query_events and as explain's `pod`."""
+    import duckdb
+
+    from collector.store import Store
+    from qtrace.api.v1 import events_pb2
+    from tests.test_store import batch, event
+
+    db = tmp_path / "old.duckdb"
+    with Store(db):
+        pass
+    con = duckdb.connect(str(db))  # as an older collector left it: no pod columns
+    con.execute("DROP INDEX events_query_id")  # DuckDB alters no indexed table
+    for col in ("namespace", "pod", "container"):
+        con.execute(f"ALTER TABLE events DROP COLUMN {col}")
+    con.execute("CREATE INDEX events_query_id ON events (query_id)")
+    con.close()
+    with Store(db) as store:
+        leaf = event(namespace="search", pod="leaf-7", container="leaf")
+        host = events_pb2.Event(ts_ns=1, kind="read", query_id="q1", has_query_id=True)
+        store.ingest(batch(1, [leaf, host]), received_ns=1)
+        got, _ = store.query_events("q1", 10)
+    pods = sorted((e.event.namespace, e.event.pod, e.event.container) for e in got)
+    assert pods == [("", "", ""), ("search", "leaf-7", "leaf")]
