@@ -26,6 +26,10 @@ class Event:
     detail: dict[str, Any] | None = None
     # First bytes of the request this read started; only in sessions that capture.
     request: bytes | None = None
+    # The Kubernetes container whose cgroup the event came from (None outside pods).
+    namespace: str | None = None
+    pod: str | None = None
+    container: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELD_NAMES}

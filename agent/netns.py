@@ -11,6 +11,9 @@ import time
 from dataclasses import dataclass
 
 from pyroute2 import DiagSocket
+from pyroute2.netlink import NETLINK_SOCK_DIAG
+from pyroute2.netlink.diag import MarshalDiag
+from pyroute2.netlink.nlsocket import NetlinkSocket
 
 _CLONE_NEWNET = 0x40000000
 _TCP_LISTEN = 10
@@ -42,8 +45,17 @@ def netns_id(pid: int) -> int | None:
         return None
 
 
+class _DiagOver(DiagSocket):  # type: ignore[misc]
+    """pyroute2's sock_diag client over a netlink socket made elsewhere. pyroute2 makes its
+    own socket lazily, per thread, in the namespace of whichever thread asks first."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        NetlinkSocket.__init__(self, NETLINK_SOCK_DIAG, use_socket=sock)
+        self.set_marshal(MarshalDiag())
+
+
 def _open_diag(pid: int) -> DiagSocket:
-    """A sock_diag socket inside pid's network namespace.
+    """A sock_diag socket inside pid's network namespace (a pod's, say).
 
     A netlink socket belongs to the namespace it was created in, so it is created by a
     short-lived thread that first joins the namespace (setns only moves that thread)."""
@@ -51,7 +63,7 @@ def _open_diag(pid: int) -> DiagSocket:
         ds = DiagSocket()
         ds.bind()
         return ds
-    result: list[DiagSocket | BaseException] = []
+    result: list[socket.socket | BaseException] = []
 
     def enter() -> None:
         try:
@@ -62,9 +74,7 @@ def _open_diag(pid: int) -> DiagSocket:
                     raise OSError(ctypes.get_errno(), "setns")
             finally:
                 os.close(fd)
-            ds = DiagSocket()
-            ds.bind()
-            result.append(ds)
+            result.append(socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG))
         except BaseException as e:
             result.append(e)
 
@@ -73,7 +83,9 @@ def _open_diag(pid: int) -> DiagSocket:
     t.join()
     if isinstance(result[0], BaseException):
         raise result[0]
-    return result[0]
+    ds = _DiagOver(result[0])
+    ds.bind()
+    return ds
 
 
 class NetnsTable:

@@ -11,18 +11,20 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from agent.extract import QueryIdExtractor
+from agent.k8s import ContainerRef, PodTargets, PodWatcher
+from agent.labels import SelectorError
 from agent.model import Event
 from agent.probes import ProbeConfig
 from agent.shipper import KEEPALIVE_OPTIONS, Shipper
 from agent.spool import Spool, SpoolError
-from agent.targets import TargetSpec
+from agent.targets import TargetSpec, cgroup2_root
 from agent.tracer import Tracer
 from qtrace.api.v1 import events_pb2, services_pb2_grpc, sessions_pb2
 from qtrace.channel import Credentials, describe, open_channel
@@ -33,12 +35,24 @@ log = logging.getLogger("qtrace.agent")
 
 
 class SessionSink:
-    def __init__(self, session_id: str, shipper: Shipper, redactor: Redactor | None = None) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        shipper: Shipper,
+        redactor: Redactor | None = None,
+        containers: Callable[[], dict[int, ContainerRef]] | None = None,
+    ) -> None:
         self.session_id = session_id
         self._shipper = shipper
         self._redactor = redactor or None
+        self._containers = containers
 
     def write(self, events: Sequence[Event]) -> None:
+        if self._containers is not None and events:
+            by_cgroup = self._containers()
+            for e in events:
+                if c := by_cgroup.get(e.cgroup_id):
+                    e.namespace, e.pod, e.container = c.namespace, c.pod, c.container
         if self._redactor is not None:
             # The last stop on the node: captured bytes are masked before they are queued.
             for e in events:
@@ -55,9 +69,21 @@ class Running:
     session: sessions_pb2.Session
     tracer: Tracer
     deadline: float  # time.monotonic()
+    pods: PodTargets = field(default_factory=PodTargets)
+    said: str = ""  # what the collector was last told keeps the session from tracing here
 
 
-def spec_for(s: sessions_pb2.Session, scope: str | None) -> TargetSpec:
+def pod_targets(s: sessions_pb2.Session) -> PodTargets:
+    t = s.targets
+    try:
+        return PodTargets.of(t.namespaces, t.label_selector, t.pods)
+    except SelectorError as e:
+        raise QtraceError(str(e)) from None
+
+
+def spec_for(
+    s: sessions_pb2.Session, scope: str | None, pod_cgroups: Callable[[], set[int]] | None = None
+) -> TargetSpec:
     t = s.targets
     return TargetSpec(
         pids=list(t.pids),
@@ -65,6 +91,7 @@ def spec_for(s: sessions_pb2.Session, scope: str | None) -> TargetSpec:
         cgroups=list(t.cgroups),
         cmdlines=list(t.cmdline_regexes),
         scope=scope,
+        pod_cgroups=pod_cgroups,
     )
 
 
@@ -98,8 +125,13 @@ class AgentRuntime:
         spool_max_bytes: int = 1 << 30,
         max_memory: int = 512 << 20,
         credentials: Credentials | None = None,
+        kubeconfig: str | None = None,
     ) -> None:
         self.ring_pages = ring_pages
+        self.kubeconfig = kubeconfig
+        self.pod_watcher: PodWatcher | None = None  # started by the first pod session
+        self.heartbeat = time.monotonic()  # the main loop's last turn (health endpoint)
+        self.connected = threading.Event()  # the session watch reached the collector once
         self.collector = collector
         self.node = node
         self.scope = scope
@@ -159,6 +191,7 @@ class AgentRuntime:
             try:
                 for update in stub.WatchSessions(req):
                     backoff, said = 0.05, ""
+                    self.connected.set()
                     now = time.monotonic()
                     desired = {
                         s.id: (s, now + max(0.0, (s.expires_ns - update.collector_ns) / 1e9))
@@ -169,6 +202,8 @@ class AgentRuntime:
                     if self.stop_event.is_set():
                         return
             except grpc.RpcError as e:
+                if self.stop_event.is_set():
+                    return  # the channel closed under us at shutdown: nothing to report
                 # Once per distinct problem: a refused certificate would otherwise fill the log.
                 problem = str(describe(e, self.collector, self.credentials))
                 if problem != said:
@@ -196,9 +231,20 @@ class AgentRuntime:
             if sid in self.running or sid in self._ended or now >= deadline:
                 continue
             try:
+                pods = pod_targets(s)
+                watcher = self._watch_pods() if pods else self.pod_watcher
+                pod_cgroups = None
+                if pods and watcher is not None:
+                    root = cgroup2_root()
+                    pod_cgroups = lambda w=watcher, p=pods, r=root: w.cgroups_of(p, r)  # noqa: E731
                 tracer = Tracer(
-                    spec_for(s, self.scope),
-                    SessionSink(sid, self.shipper, Redactor.from_pb(s.capture.redact)),
+                    spec_for(s, self.scope, pod_cgroups),
+                    SessionSink(
+                        sid,
+                        self.shipper,
+                        Redactor.from_pb(s.capture.redact),
+                        self._containers if watcher is not None else None,
+                    ),
                     extractor_for(s),
                     probe_config_for(s, self.ring_pages),
                     strict=False,
@@ -210,9 +256,37 @@ class AgentRuntime:
                 self._ended.add(sid)
                 self.shipper.mark(sid, final=True, error=str(e))
                 continue
-            self.running[sid] = Running(s, tracer, deadline)
+            self.running[sid] = Running(s, tracer, deadline, pods)
             self.shipper.mark(sid, final=False)
             log.info("session %s tracing %s", sid, tracer.stats()["targets"])
+
+    # -- Kubernetes ----------------------------------------------------------------------
+
+    def _watch_pods(self) -> PodWatcher:
+        if self.pod_watcher is None:
+            self.pod_watcher = PodWatcher(self.node, self.kubeconfig).start()
+            # The first list decides whether the first rescan finds the session's pods.
+            self.pod_watcher.synced.wait(5.0)
+        return self.pod_watcher
+
+    def _containers(self) -> dict[int, ContainerRef]:
+        assert self.pod_watcher is not None
+        return self.pod_watcher.containers(cgroup2_root())
+
+    def _report_pods(self) -> None:
+        """Says in the session's status why it traces nothing here (no pod matches, no
+        such namespace, RBAC), and when that stops being so."""
+        if self.pod_watcher is None:
+            return
+        for sid, run in self.running.items():
+            if not run.pods:
+                continue
+            problem = self.pod_watcher.problem_with(run.pods, cgroup2_root())
+            if problem != run.said:
+                if problem:
+                    log.warning("session %s: %s", sid, problem)
+                run.said = problem
+                self.shipper.mark(sid, final=False, error=problem)
 
     def _end(self, sid: str) -> None:
         run = self.running[sid]
@@ -241,6 +315,8 @@ class AgentRuntime:
                         run.tracer.rescan()
                 if rescan:
                     self._last_scan = now
+                    self._report_pods()
+                self.heartbeat = now
                 self.shipper.flush()
                 self.stop_event.wait(self.drain_interval)
         finally:
@@ -250,6 +326,8 @@ class AgentRuntime:
                 where = "left in the spool for the next start" if self.shipper.spool else "lost"
                 log.warning("%d events not shipped at exit: %s", self.shipper.pending(), where)
             self._channel.close()
+            if self.pod_watcher is not None:
+                self.pod_watcher.close()
 
 
 def open_spool(directory: Path | None, max_bytes: int) -> Spool | None:

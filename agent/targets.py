@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +43,12 @@ class TargetSpec:
     # Only processes inside this cgroup v2 subtree are this agent's (several agents on one
     # machine stand in for several nodes that way).
     scope: str | None = None
+    # Kubernetes: the cgroup ids of the session's pods on this node, asked on every rescan
+    # (pods come and go; see agent/k8s.py).
+    pod_cgroups: Callable[[], set[int]] | None = None
 
     def __post_init__(self) -> None:
-        if not (self.pids or self.comms or self.cgroups or self.cmdlines):
+        if not (self.pids or self.comms or self.cgroups or self.cmdlines or self.pod_cgroups):
             raise QtraceError(
                 "nothing to trace", "give at least one --pid, --comm, --cmdline or --cgroup"
             )
@@ -151,4 +155,6 @@ class TargetResolver:
                     ids.add(os.stat(dirpath).st_ino)
                 except OSError:
                     continue
+        if self.spec.pod_cgroups is not None:
+            ids |= self.spec.pod_cgroups()
         return ids

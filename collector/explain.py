@@ -149,7 +149,7 @@ def explain(
         breakdown = _breakdown(h, groups)
         hop = {
             "node": h["node"],
-            "pod": None,
+            "pod": _pod_of(by_hop[(h["node"], h["pid"])]),
             "pid": h["pid"],
             "tid": h["tid"],
             "comm": h["comm"],
@@ -311,6 +311,15 @@ def _memory_culprits(
     return sorted(held.values(), key=lambda c: -c["waited_ns"])
 
 
+def _pod_name(ne: services_pb2.NodeEvent) -> str | None:
+    """namespace/pod of the event's container; None outside Kubernetes."""
+    return f"{ne.event.namespace}/{ne.event.pod}" if ne.event.pod else None
+
+
+def _pod_of(events: list[services_pb2.NodeEvent]) -> str | None:
+    return next((p for p in map(_pod_name, events) if p), None)
+
+
 def _culprits(others: list[services_pb2.NodeEvent], query_tids: set[int]) -> list[dict[str, Any]]:
     seen: dict[tuple[str, int, int], dict[str, Any]] = {}
     for ne in others:
@@ -320,7 +329,7 @@ def _culprits(others: list[services_pb2.NodeEvent], query_tids: set[int]) -> lis
         key = (ne.node, ne.event.pid, ne.event.tid)
         c = seen.setdefault(
             key,
-            {"node": ne.node, "pod": None, "pid": ne.event.pid, "tid": ne.event.tid,
+            {"node": ne.node, "pod": _pod_name(ne), "pid": ne.event.pid, "tid": ne.event.tid,
              "comm": ne.event.comm, "events": 0, "kinds": []},
         )  # fmt: skip
         c["events"] += 1

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 
 from agent.groups import parse_groups
+from agent.labels import SelectorError, parse_selector
 from qtrace.api.v1 import services_pb2, sessions_pb2
 from qtrace.redact import RedactionError, Redactor
 
@@ -19,6 +20,9 @@ DEFAULT_DURATION_NS = 10 * 60 * 10**9
 # normal rate. Past it events are shed (counted) and sampled, never waited for.
 DEFAULT_MAX_EVENT_RATE = 200_000
 MAX_EVENT_RATE = 5_000_000
+# Kubernetes names: a namespace is a DNS label, a pod a DNS subdomain.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 class SessionError(ValueError):
@@ -34,10 +38,13 @@ class UnknownSession(KeyError):
 
 def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
     t = req.targets
-    if not (t.pids or t.comms or t.cmdline_regexes or t.cgroups or t.namespaces or t.pods):
-        raise SessionError("a session needs a target: --pid, --comm, --cmdline or --cgroup")
     if t.label_selector and not t.namespaces:
         raise SessionError("--selector needs --namespace")
+    if not (t.pids or t.comms or t.cmdline_regexes or t.cgroups or t.namespaces or t.pods):
+        raise SessionError(
+            "a session needs a target: --namespace, --pod, --pid, --comm, --cmdline or --cgroup"
+        )
+    _validate_pod_targets(t)
     for rx in t.cmdline_regexes:
         try:
             re.compile(rx)
@@ -70,6 +77,22 @@ def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
         except re.error as e:
             raise SessionError(f"invalid query-id regex {ex.regex!r}: {e}") from e
     return sorted(probes)
+
+
+def _validate_pod_targets(t: sessions_pb2.Targets) -> None:
+    for ns in t.namespaces:
+        if not _DNS_LABEL.fullmatch(ns):
+            raise SessionError(
+                f"invalid namespace {ns!r}: lower-case letters, digits and '-', at most 63"
+            )
+    for pod in t.pods:
+        ns, _, name = pod.rpartition("/")
+        if (ns and not _DNS_LABEL.fullmatch(ns)) or not _DNS_SUBDOMAIN.fullmatch(name):
+            raise SessionError(f"invalid pod {pod!r}: give NAME or NAMESPACE/NAME")
+    try:
+        parse_selector(t.label_selector)
+    except SelectorError as e:
+        raise SessionError(str(e)) from None
 
 
 class SessionRegistry:

@@ -85,6 +85,9 @@ ALTER TABLE batches ADD COLUMN IF NOT EXISTS error VARCHAR;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS request BLOB;
 ALTER TABLE drops ADD COLUMN IF NOT EXISTS lost_spool UBIGINT DEFAULT 0;
 ALTER TABLE drops ADD COLUMN IF NOT EXISTS shed UBIGINT DEFAULT 0;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS namespace VARCHAR;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS pod VARCHAR;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS container VARCHAR;
 """
 
 EVENT_SCHEMA = pa.schema(
@@ -110,6 +113,9 @@ EVENT_SCHEMA = pa.schema(
         ("mono_ns", pa.uint64()),
         ("detail", pa.string()),
         ("request", pa.binary()),
+        ("namespace", pa.string()),
+        ("pod", pa.string()),
+        ("container", pa.string()),
     ]
 )
 
@@ -137,7 +143,7 @@ WHEN NOT MATCHED THEN INSERT BY NAME
 
 QUERY_COLUMNS = (
     "node, agent_id, session_id, ts_ns, dur_ns, kind, pid, tid, comm, fd, target, ret, "
-    "query_id, request_key, inferred, grp, cgroup_id, mono_ns, detail"
+    "query_id, request_key, inferred, grp, cgroup_id, mono_ns, detail, namespace, pod, container"
 )
 
 # Written straight, as WHERE ... ORDER BY ... LIMIT, DuckDB pushes the top-n bound into the
@@ -522,7 +528,7 @@ class Store:
         with self._lock:
             totals = self._con.execute(
                 "SELECT session_id, agent_id, arg_max(node, seq), sum(n_events), count(*),"
-                " bool_or(final), coalesce(max(error), '')"
+                " bool_or(final), arg_max(coalesce(error, ''), seq)"
                 f" FROM batches {where} GROUP BY ALL ORDER BY session_id, agent_id",
                 params,
             ).fetchall()
@@ -594,6 +600,9 @@ def events_table(batch: events_pb2.EventBatch) -> pa.Table:
         [e.mono_ns for e in evs],
         [e.detail_json or None for e in evs],
         [e.request or None for e in evs],
+        [e.namespace or None for e in evs],
+        [e.pod or None for e in evs],
+        [e.container or None for e in evs],
     ]
     return pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, EVENT_SCHEMA, strict=True)],
@@ -616,7 +625,8 @@ def drops_table(batch: events_pb2.EventBatch) -> pa.Table:
 def node_event(row: tuple[Any, ...]) -> services_pb2.NodeEvent:
     """A row of QUERY_COLUMNS back in its wire form."""
     (node, agent_id, session_id, ts_ns, dur_ns, kind, pid, tid, comm, fd, target, ret,
-     query_id, request_key, inferred, grp, cgroup_id, mono_ns, detail) = row  # fmt: skip
+     query_id, request_key, inferred, grp, cgroup_id, mono_ns, detail, namespace, pod,
+     container) = row  # fmt: skip
     event = events_pb2.Event(
         ts_ns=ts_ns,
         dur_ns=dur_ns,
@@ -636,6 +646,9 @@ def node_event(row: tuple[Any, ...]) -> services_pb2.NodeEvent:
         cgroup_id=cgroup_id,
         mono_ns=mono_ns,
         detail_json=detail or "",
+        namespace=namespace or "",
+        pod=pod or "",
+        container=container or "",
     )
     return services_pb2.NodeEvent(node=node, agent_id=agent_id, session_id=session_id, event=event)
 

@@ -37,6 +37,9 @@ def event_to_pb(e: Event) -> events_pb2.Event:
         mono_ns=e.mono_ns,
         detail_json=json.dumps(e.detail) if e.detail is not None else "",
         request=e.request or b"",
+        namespace=e.namespace or "",
+        pod=e.pod or "",
+        container=e.container or "",
     )
 
 
@@ -61,6 +64,8 @@ def event_to_json(e: events_pb2.Event) -> dict[str, Any]:
     }
     if e.detail_json:
         d["detail"] = json.loads(e.detail_json)
+    if e.pod:
+        d |= {"namespace": e.namespace, "pod": e.pod, "container": e.container}
     return d
 
 

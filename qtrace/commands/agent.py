@@ -180,6 +180,17 @@ def agent_run(
     max_memory: Annotated[
         int, typer.Option(help="Memory cap in MiB: near it, queued batches go to the spool.")
     ] = 512,
+    kubeconfig: Annotated[
+        str | None,
+        typer.Option(
+            help="For sessions that target pods, outside a cluster "
+            "[KUBECONFIG; in a pod: its service account]."
+        ),
+    ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(help="Serve /healthz and /readyz over HTTP on this port (0: any free one)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the node agent: apply the collector's sessions here and ship their events."""
@@ -213,7 +224,18 @@ def agent_run(
             spool_dir=spool_dir or Path("/var/lib/qtrace/spool") / node,
             spool_max_bytes=spool_bytes,
             max_memory=max_memory << 20,
+            kubeconfig=kubeconfig,
         )
+        health = None
+        if health_port is not None:
+            from agent.health import HealthServer
+
+            try:
+                health = HealthServer(
+                    health_port, lambda: runtime.heartbeat, runtime.connected.is_set
+                ).start()
+            except OSError as e:
+                raise QtraceError(f"cannot serve health on port {health_port} ({e})") from e
     except QtraceError as e:
         fail(e)
     stop_on_signals(runtime.stop_event)
@@ -222,7 +244,13 @@ def agent_run(
         f"-> collector {shown(collector)}",
         highlight=False,
     )
-    runtime.run()
+    if health is not None:
+        err.print(f"health on http://0.0.0.0:{health.port}/healthz", highlight=False)
+    try:
+        runtime.run()
+    finally:
+        if health is not None:
+            health.close()
 
 
 def parse_size(text: str, option: str) -> int:

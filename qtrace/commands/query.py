@@ -59,7 +59,10 @@ def show(
         t.add_row(
             f"{(ev['ts_ns'] - t0) / 1e6:.3f}",
             printable(ev["node"]),
-            printable(f"{ev['comm']} {ev['pid']}/{ev['tid']}"),
+            printable(
+                (f"{ev['namespace']}/{ev['pod']} " if ev.get("pod") else "")
+                + f"{ev['comm']} {ev['pid']}/{ev['tid']}"
+            ),
             printable(ev["kind"]),
             f"{ev['dur_ns'] / 1e3:.1f}",
             printable(ev["target"] or ""),

@@ -54,6 +54,20 @@ def start(
         list[str] | None, typer.Option("--cmdline", help="Regex over the command line.")
     ] = None,
     cgroup: Annotated[list[str] | None, typer.Option("--cgroup", help="cgroup v2 path.")] = None,
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option("--namespace", "-n", help="Kubernetes: pods in this namespace (repeatable)."),
+    ] = None,
+    selector: Annotated[
+        str,
+        typer.Option(
+            "--selector", "-l", help="Kubernetes: only pods with these labels (app=leaf,tier!=x)."
+        ),
+    ] = "",
+    pod: Annotated[
+        list[str] | None,
+        typer.Option("--pod", help="Kubernetes: this pod, NAME or NAMESPACE/NAME (repeatable)."),
+    ] = None,
     duration: Annotated[str, typer.Option(help="How long: 90s, 10m, 2h.")] = "10m",
     probes: Annotated[
         str,
@@ -103,6 +117,9 @@ def start(
                 comms=comm or [],
                 cmdline_regexes=cmdline or [],
                 cgroups=cgroup or [],
+                namespaces=namespace or [],
+                label_selector=selector,
+                pods=pod or [],
             ),
             probes=[p.strip() for p in probes.split(",") if p.strip()],
             extractor=extractor,
@@ -137,6 +154,9 @@ def _sessions_table(sessions: list[dict[str, Any]]) -> Table:
             + [f"comm {c}" for c in tg["comms"]]
             + [f"cmdline /{c}/" for c in tg["cmdline_regexes"]]
             + [f"cgroup {c}" for c in tg["cgroups"]]
+            + [f"namespace {n}" for n in tg["namespaces"]]
+            + ([f"selector {tg['label_selector']}"] if tg["label_selector"] else [])
+            + [f"pod {p}" for p in tg["pods"]]
         )
         colour = {"active": "green", "stopped": "yellow", "expired": "dim"}[s["state"]]
         t.add_row(
@@ -189,14 +209,25 @@ def status(
         t.add_column(col, justify="right" if col not in ("node", "agent", "state") else "left")
     for a in obj["agents"]:
         style = "red" if a["dropped"] or a["error"] else "yellow" if a["shed"] else None
+        # An error on an agent still tracing is a condition that may pass (no pod matches
+        # yet, RBAC being fixed); on a finished one it is why it could not trace.
         state = (
-            f"failed: {a['error']}" if a["error"] else "complete" if a["complete"] else "tracing"
+            (f"failed: {a['error']}" if a["complete"] else f"waiting: {a['error']}")
+            if a["error"]
+            else "complete"
+            if a["complete"]
+            else "tracing"
         )
         t.add_row(
             shown(a["node"]), shown(a["agent_id"]), str(a["events_stored"]), str(a["batches"]),
             str(a["dropped"]), str(a["shed"]), shown(state), style=style,
         )  # fmt: skip
     out.print(t)
+    # Why a node traces nothing is worth reading whole: the table cuts long cells.
+    for a in obj["agents"]:
+        if a["error"]:
+            said = f"{a['node']}: {'failed' if a['complete'] else 'waiting'}: {a['error']}"
+            out.print(printable(said), markup=False, soft_wrap=True)
 
 
 @app.command("stop")

@@ -43,6 +43,9 @@ class Event(_message.Message):
     MONO_NS_FIELD_NUMBER: _builtins.int
     DETAIL_JSON_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    POD_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
     ts_ns: _builtins.int
     """wall-clock start on the agent's clock, ns since the epoch"""
     dur_ns: _builtins.int
@@ -72,6 +75,12 @@ class Event(_message.Message):
     """The first bytes of a request (on the read that started it), only in sessions that
     asked for capture; the body only when they asked for bodies too.
     """
+    namespace: _builtins.str
+    """The Kubernetes container the event's cgroup belongs to (empty outside Kubernetes or
+    for processes that are in no pod).
+    """
+    pod: _builtins.str
+    container: _builtins.str
     def __init__(
         self,
         *,
@@ -94,10 +103,13 @@ class Event(_message.Message):
         mono_ns: _builtins.int = ...,
         detail_json: _builtins.str = ...,
         request: _builtins.bytes = ...,
+        namespace: _builtins.str = ...,
+        pod: _builtins.str = ...,
+        container: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_id", b"cgroup_id", "comm", b"comm", "detail_json", b"detail_json", "dur_ns", b"dur_ns", "fd", b"fd", "group", b"group", "has_query_id", b"has_query_id", "has_target", b"has_target", "inferred", b"inferred", "kind", b"kind", "mono_ns", b"mono_ns", "pid", b"pid", "query_id", b"query_id", "request", b"request", "request_key", b"request_key", "ret", b"ret", "target", b"target", "tid", b"tid", "ts_ns", b"ts_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_id", b"cgroup_id", "comm", b"comm", "container", b"container", "detail_json", b"detail_json", "dur_ns", b"dur_ns", "fd", b"fd", "group", b"group", "has_query_id", b"has_query_id", "has_target", b"has_target", "inferred", b"inferred", "kind", b"kind", "mono_ns", b"mono_ns", "namespace", b"namespace", "pid", b"pid", "pod", b"pod", "query_id", b"query_id", "request", b"request", "request_key", b"request_key", "ret", b"ret", "target", b"target", "tid", b"tid", "ts_ns", b"ts_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
