@@ -463,7 +463,9 @@ def _excess_finding(
             )
     return {
         "category": category,
-        "score": round(min(1.0, excess / query_total), 3),
+        # A sleep nothing explains is the least specific finding: any measured wait of the
+        # same size (a CPU held by a neighbour while the thread looked asleep) ranks above.
+        "score": round(min(1.0, excess / query_total) * (0.5 if cat == "other" else 1.0), 3),
         "excess_ns": excess,
         "summary": summary,
         "hop": {"node": hop["node"], "pid": hop["pid"], "comm": hop["comm"]},
