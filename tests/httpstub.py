@@ -3,12 +3,14 @@ talks to when the point is how it copes (errors, non-JSON, slowness)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 Answer = Callable[[str, dict[str, str], bytes], tuple[int, bytes]]
 
@@ -65,3 +67,16 @@ def http_stub(answer: Answer) -> Iterator[tuple[str, Stub]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def send(url: str, method: str, path: str, headers: dict[str, str], body: bytes | None) -> int:
+    """One request on its own connection; its status."""
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname or "", u.port)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()

@@ -32,7 +32,7 @@ def qtrace_json(*args: str) -> Any:
     return json.loads(qtrace(*args, "--format", "json").stdout)
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll a condition that has no notification to wait on (another process's state)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -41,7 +41,7 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def session_status(addr: str, sid: str) -> dict[str, Any]:

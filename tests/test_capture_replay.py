@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import subprocess
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from searchsvc.client import make_queries
 from searchsvc.cluster import Cluster
-from tests.httpstub import http_stub, json_answer
+from tests.httpstub import http_stub, json_answer, send
 from tests.procs import QTRACE, Agent, Collector, complete, joined, qtrace, qtrace_json, wait_for
 
 
@@ -22,18 +20,6 @@ class Sent:
     path: str
     headers: dict[str, str]
     body: bytes | None
-
-
-def send(url: str, method: str, path: str, headers: dict[str, str], body: bytes | None) -> int:
-    u = urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname or "", u.port)
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
 
 
 def test_capture_reproduces_requests(tmp_path: Path) -> None:

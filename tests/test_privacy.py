@@ -4,7 +4,6 @@ are redacted on the node: checked on every byte the agent sent and in the whole 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import grpc
 from qtrace.api.v1 import services_pb2, services_pb2_grpc, sessions_pb2
 from qtrace.redact import MARK
 from searchsvc.cluster import Cluster
-from tests.httpstub import http_stub, json_answer
+from tests.httpstub import http_stub, json_answer, send
 from tests.procs import QTRACE, Agent, Collector, complete, joined, qtrace, qtrace_json, wait_for
 
 
@@ -78,18 +77,6 @@ def secret(name: str) -> str:
     return f"SECRET{name}{uuid.uuid4().hex}"
 
 
-def post(url: str, path: str, headers: dict[str, str], body: bytes) -> int:
-    host, port = url.removeprefix("http://").rstrip("/").split(":")
-    conn = http.client.HTTPConnection(host, int(port))
-    try:
-        conn.request("POST", path, body=body, headers=headers)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
-
-
 def stored_text(db: Path) -> bytes:
     """Every value of every column of every table in the store, as bytes."""
     con = duckdb.connect(str(db), read_only=True)
@@ -140,7 +127,7 @@ def run_session(
             "Content-Type": "application/json",
         }
         body = json.dumps({"q": f"red shoes {i}", "card": secrets["card"]}).encode()
-        assert post(c.root_url, "/search", headers, body) == 200
+        assert send(c.root_url, "POST", "/search", headers, body) == 200
     qtrace("session", "stop", sid, "--collector", col.addr)
     wait_for(partial(complete, col.addr, sid), 60, "the agent's final batch")
     return sid

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tests.procs import wait_for
 
 T = TypeVar("T")
 
@@ -51,14 +52,8 @@ def apply(*objects: dict[str, Any]) -> None:
 
 def poll(cond: Callable[[], T | None], timeout: float, what: str) -> T:
     """Poll the API (or the network) until cond returns a truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.25)
+    value: T = wait_for(cond, timeout, what, interval=0.25)
+    return value
 
 
 def node_ready(node: dict[str, Any]) -> bool:
