@@ -15,16 +15,29 @@ def wall_ns() -> int:
     return time.time_ns() + SKEW_NS
 
 
-def measure_offset(samples: int = 7) -> tuple[int, int]:
+# A bracket this tight pins the offset to within a few µs; under load (the GIL, a busy
+# CPU) most brackets are far wider, so measuring keeps trying until one is this tight.
+TIGHT_NS = 20_000
+# Between two refreshes the offset moves at most this much (50 ppm at one refresh a second):
+# events of one hop are decoded up to a second apart, and a stepped offset would reorder
+# them (a sleep that began after a read would seem to begin before it).
+MAX_SLEW_NS = 50_000
+# A bigger disagreement is a clock that was set, not a slew: it is followed at once.
+STEP_NS = 50_000_000
+
+
+def measure_offset(samples: int = 7, max_samples: int = 200) -> tuple[int, int]:
     """(offset, uncertainty) such that wall = mono + offset, from the tightest bracket."""
     best: tuple[int, int] | None = None
-    for _ in range(samples):
+    for i in range(max_samples):
         m0 = time.monotonic_ns()
         w = wall_ns()
         m1 = time.monotonic_ns()
         width = m1 - m0
         if best is None or width < best[1]:
             best = (w - (m0 + m1) // 2, width)
+        if i + 1 >= samples and best[1] <= TIGHT_NS:
+            break
     assert best is not None
     return best[0], best[1] // 2 + 1
 
@@ -40,6 +53,22 @@ class WallClock:
 
     def maybe_refresh(self) -> None:
         now = time.monotonic_ns()
-        if now - self._measured >= self._refresh_ns:
-            self.offset_ns, self.uncertainty_ns = measure_offset()
-            self._measured = now
+        if now - self._measured < self._refresh_ns:
+            return
+        self._measured = now
+        offset, uncertainty = measure_offset()
+        self.follow(offset, uncertainty)
+
+    def follow(self, offset: int, uncertainty: int) -> None:
+        """Move towards a new measurement: slew small differences, step big ones, and
+        ignore a measurement too loose to tell (a bracket wider than the slew)."""
+        delta = offset - self.offset_ns
+        if abs(delta) >= STEP_NS:
+            self.offset_ns, self.uncertainty_ns = offset, uncertainty
+            return
+        if uncertainty > MAX_SLEW_NS:
+            return
+        step = max(-MAX_SLEW_NS, min(MAX_SLEW_NS, delta))
+        self.offset_ns += step
+        # What is not caught up yet is part of the uncertainty until it is.
+        self.uncertainty_ns = uncertainty + abs(delta - step)

@@ -78,3 +78,23 @@ def test_a_skewed_node_is_aligned_in_explanations(tmp_path: Path) -> None:
         sent, received = at[("node-root", "write")], at[("node-leaf", "read")]
         assert sent.ts_ns < received.ts_ns + received.dur_ns
         assert [ne.event.ts_ns for ne in events] == sorted(ne.event.ts_ns for ne in events)
+
+
+def test_agent_wall_clock_slews_small_differences_and_steps_big_ones() -> None:
+    from agent.clock import MAX_SLEW_NS, STEP_NS, WallClock
+
+    clock = WallClock(refresh_s=3600)
+    base = clock.offset_ns
+    # A 370 µs disagreement (a loose bracket on a loaded machine, or a real slew) moves
+    # the offset by at most the slew per refresh, so a hop's events stay in order.
+    clock.follow(base + 370_000, 1_000)
+    assert clock.offset_ns == base + MAX_SLEW_NS
+    assert clock.uncertainty_ns == 1_000 + 370_000 - MAX_SLEW_NS
+    clock.follow(base - 10_000, 1_000)
+    assert clock.offset_ns == base
+    # A measurement looser than the slew says nothing.
+    clock.follow(base + 30_000, MAX_SLEW_NS + 1)
+    assert clock.offset_ns == base
+    # A clock that was set is followed at once.
+    clock.follow(base + 2 * STEP_NS, 1_000)
+    assert (clock.offset_ns, clock.uncertainty_ns) == (base + 2 * STEP_NS, 1_000)
