@@ -58,6 +58,16 @@ COUNTERS: dict[str, int] = {
 }
 COUNTER_MAX = _ENUMS["qt_counter"]["QT_C_MAX"]
 
+_hp = re.search(r"#define\s+QT_HIST_PAYLOAD\s+(\d+)", HEADER.read_text())
+assert _hp is not None, "QT_HIST_PAYLOAD missing from qtrace.h"
+HIST_PAYLOAD = int(_hp.group(1))
+
+#: request summary categories (flight recorder), name -> index in qt_reqsum.ns
+SUMCATS: dict[str, int] = {
+    k: v for k, v in _strip("QT_S_", _ENUMS["qt_sumcat"]).items() if k != "max"
+}
+SUMCAT_MAX = _ENUMS["qt_sumcat"]["QT_S_MAX"]
+
 _cap = re.search(r"#define\s+QT_CAP_BYTES\s+(\d+)", HEADER.read_text())
 assert _cap is not None, "QT_CAP_BYTES missing from qtrace.h"
 DEFAULT_CAP_BYTES = int(_cap.group(1))
@@ -104,3 +114,22 @@ FDINFO_FIELDS = (
     ("_pad", "B"),
     ("captured", "I"),
 )
+
+# struct qt_hslot: an event and the first HIST_PAYLOAD bytes of its payload.
+HSLOT_FIELDS = (("e", f"{EVENT.size}s"), ("payload", f"{HIST_PAYLOAD}s"))
+HSLOT_SIZE = EVENT.size + HIST_PAYLOAD
+
+REQSUM_FIELDS = (
+    ("start", "Q"),
+    ("end", "Q"),
+    ("last", "Q"),
+    ("ns", f"{SUMCAT_MAX}Q"),
+    ("at_end", f"{SUMCAT_MAX}Q"),
+    ("tgid", "I"),
+    ("tid", "I"),
+    ("fd", "i"),
+    ("events", "I"),
+    ("events_at_end", "I"),
+    ("_pad", "I"),
+)
+REQSUM = struct.Struct("<" + "".join(f for _, f in REQSUM_FIELDS))

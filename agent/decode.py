@@ -125,6 +125,9 @@ class Decoder:
         self.clock = clock
         self.requests = RequestTable()
         self.received: Counter[str] = Counter()
+        # Flight recorder: each request's first read (its thread, name and connection),
+        # for the summary the kernel hands over once the request is done.
+        self.starts: dict[int, Event] | None = None
 
     def decode(self, rec: bytes) -> Event | None:
         (
@@ -264,7 +267,7 @@ class Decoder:
                 and not self._node_kept(tgid, cgroup_id, fd, kind, target)
             ):
                 return None
-        return Event(
+        event = Event(
             ts_ns=self.clock.to_wall(ts_enter),
             dur_ns=ts_exit - ts_enter,
             kind=name,
@@ -283,6 +286,9 @@ class Decoder:
             detail=detail,
             request=request,
         )
+        if self.starts is not None and flags & abi.F_REQ_START:
+            self.starts[req_key] = event
+        return event
 
     def _node_kept(self, tgid: int, cgroup_id: int, fd: int, kind: int, target: str | None) -> bool:
         """Node group: a target's file becomes watched; a neighbour's event stays only if

@@ -8,6 +8,7 @@ kernel is taught their type, so that it can suppress pipes and attribute accepte
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import socket
@@ -52,6 +53,12 @@ class FdResolver:
         # where the client's port makes it unique) and by thread and peer (client side).
         self._est_peer: dict[str, str] = {}
         self._est_tid: dict[tuple[int, str], str] = {}
+        # Flight recorder: what each fd number was since a moment, so that an event read
+        # from the recent history seconds later resolves to the file or connection it had
+        # then, not to whatever reuses the number now. ``as_of`` set: resolve as of then.
+        self.keep_past = False
+        self.as_of: int | None = None
+        self._past: dict[tuple[int, int], list[FdEntry]] = {}
 
     def new_cycle(self) -> None:
         self._refreshed.clear()
@@ -115,8 +122,40 @@ class FdResolver:
             return FdEntry(abi.FD_FILE, link)
         return FdEntry(abi.FD_OTHER, link)
 
+    def _remember(self, key: tuple[int, int], entry: FdEntry) -> None:
+        if self.keep_past:
+            self._past.setdefault(key, []).append(entry)
+
+    def _then(self, key: tuple[int, int], at_ns: int) -> FdEntry | None:
+        """What the fd was at ``at_ns``: the latest creation seen before it, else what it
+        is now if that was not created later."""
+        past = self._past.get(key)
+        if past:
+            i = bisect.bisect_right([e.created_ns for e in past], at_ns)
+            if i:
+                return past[i - 1]
+        entry = self._fds.get(key)
+        if entry is not None and entry.created_ns > at_ns:
+            return None
+        return entry
+
+    def trim(self, before_ns: int) -> None:
+        """Forget creations that no history read can ask about any more (but the latest
+        of each fd, which may still be what it is)."""
+        for key in list(self._past):
+            past = self._past[key]
+            keep = [e for e in past[:-1] if e.created_ns >= before_ns] + past[-1:]
+            if keep[0].created_ns < before_ns and not os.path.exists(f"/proc/{key[0]}"):
+                del self._past[key]  # its process is gone: nobody will ask
+            else:
+                self._past[key] = keep
+
     def lookup(self, pid: int, fd: int, fdtype: int) -> FdEntry | None:
         key = (pid, fd)
+        if self.as_of is not None:
+            then = self._then(key, self.as_of)
+            if then is not None or key in self._past:
+                return then
         entry = self._fds.get(key)
         if entry is None:
             entry = self._from_proc(pid, fd)
@@ -149,7 +188,8 @@ class FdResolver:
                 base = parent.target if parent else None
             if base:
                 path = os.path.normpath(os.path.join(base, path))
-        self._fds[(pid, fd)] = FdEntry(abi.FD_FILE, path, created_ns=at_ns)
+        self._fds[(pid, fd)] = entry = FdEntry(abi.FD_FILE, path, created_ns=at_ns)
+        self._remember((pid, fd), entry)
         return path
 
     def established(self, tid: int, local: str, peer: str) -> None:
@@ -180,7 +220,8 @@ class FdResolver:
                 else self._est_peer.pop(peer, None)
             )
             if local is not None:
-                self._fds[(pid, fd)] = FdEntry(fdtype, f"{local}->{peer}", created_ns=at_ns)
+                self._fds[(pid, fd)] = new = FdEntry(fdtype, f"{local}->{peer}", created_ns=at_ns)
+                self._remember((pid, fd), new)
                 return f"{local}->{peer}"
         entry = self._from_proc(pid, fd)
         # By the time we look the fd may already be closed and its number reused: the
@@ -200,11 +241,15 @@ class FdResolver:
             entry.fdtype = fdtype  # the kernel saw accept/connect: it knows the direction
         entry.created_ns = at_ns
         self._fds[(pid, fd)] = entry
+        self._remember((pid, fd), entry)
         return entry.target
 
     def closed(self, pid: int, fd: int, at_ns: int) -> str | None:
         """``at_ns``: when close began. Another thread may have reused the number between
         the close and its event (which is emitted at exit): that newer fd stays."""
+        if self.as_of is not None:
+            then = self._then((pid, fd), at_ns)
+            return then.target if then is not None else None
         entry = self._fds.get((pid, fd))
         if entry is None:
             return None

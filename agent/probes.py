@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from agent import abi
 from agent.groups import DEFAULT_GROUPS, PROBE_GROUPS
+from agent.recorder import History, Summary, harvest
 
 # Syscall kinds share one enter/exit program pair each: qt_e_<name> / qt_x_<name>.
 _TRACEPOINT_KINDS = {
@@ -58,6 +59,9 @@ class ProbeConfig:
     capture_bytes: int = abi.DEFAULT_CAP_BYTES
     groups: frozenset[str] = frozenset(DEFAULT_GROUPS)
     max_event_rate: int = 0  # events/s leaving the kernel, per node; 0: no limit
+    # Flight recorder: events stay in a per-CPU history of this many slots per CPU and
+    # requests are summed in the kernel; 0: full capture (every event leaves the kernel).
+    history_slots: int = 0
 
     def kinds(self) -> frozenset[str]:
         return frozenset().union(*(PROBE_GROUPS[g] for g in self.groups))
@@ -89,8 +93,24 @@ class ProbeConfig:
             f"-DQT_SCHED={int('sched' in self.groups)}",
             f"-DQT_MEMORY={int('memory' in self.groups)}",
             f"-DQT_NODE={int('node' in self.groups)}",
+            f"-DQT_RECORDER={int(self.history_slots > 0)}",
+            f"-DQT_HIST_SLOTS={max(self.history_slots, 1)}",
+            f"-DQT_HIST_CPUS={possible_cpus()}",
             "-Wno-macro-redefined",
         ]
+
+
+def possible_cpus() -> int:
+    """CPU ids the kernel may use (bpf_get_smp_processor_id() is below this)."""
+    from bcc.utils import get_possible_cpus
+
+    return int(max(get_possible_cpus())) + 1
+
+
+def history_slots(history_bytes: int) -> int:
+    """Slots per CPU for a history of about ``history_bytes`` in all: a power of two."""
+    per_cpu = max(1, history_bytes // (abi.HSLOT_SIZE * possible_cpus()))
+    return 1 << max(4, per_cpu.bit_length() - 1)
 
 
 def name_hash(path: str) -> int:
@@ -204,6 +224,21 @@ class Probes:
         leaf.type = fdtype
         with contextlib.suppress(Exception):  # a full map only costs filtering
             self._fds[key] = leaf
+
+    # -- flight recorder -----------------------------------------------------------------
+
+    def open_history(self) -> History:
+        """The recent history, mapped (recorder sessions only)."""
+        return History(
+            self._bpf[b"history"],
+            self._bpf[b"hist_head"],
+            self.config.history_slots,
+            possible_cpus(),
+        )
+
+    def harvest(self, idle_ns: int) -> list[Summary]:
+        """Summaries of the requests that are over (no event for ``idle_ns``)."""
+        return harvest(self._bpf[b"reqsums"], idle_ns)
 
     # -- counters ------------------------------------------------------------------------
 

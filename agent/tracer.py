@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any
 
 from agent import abi, preflight
@@ -13,10 +14,37 @@ from agent.clock import WallClock
 from agent.decode import Decoder
 from agent.extract import QueryIdExtractor
 from agent.fdresolve import FdResolver
+from agent.model import Event
 from agent.probes import ProbeConfig, Probes
+from agent.recorder import History, Summary
 from agent.sink import EventSink
 from agent.targets import TargetResolver, TargetSpec, proc_comm
 from qtrace.errors import QtraceError
+
+# Flight recorder: a request with no event for this long is over; its summary is read.
+SUMMARY_IDLE_NS = 1_000_000_000
+HARVEST_INTERVAL_S = 0.5
+# Summary fields, named as explain names them (collector/explain.py, collector/store.py).
+SUMMARY_FIELDS = {
+    "net": "network",
+    "storage": "storage",
+    "block": "block_io",
+    "runq": "runqueue",
+    "lock": "lock",
+    "pfault": "page_fault",
+    "offcpu": "offcpu",
+    "offcpu_main": "offcpu_main",
+    "waits_others": "waits_others",
+}
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What the recent history held of a window (wall clock of this node)."""
+
+    events: list[Event]
+    complete: bool
+    covered_from_ns: int
 
 
 class Tracer:
@@ -57,6 +85,14 @@ class Tracer:
         self._last_scan = 0.0
         self._final_counters: dict[str, dict[str, int]] | None = None
         self.events_out = 0
+        # Flight recorder: the events that left the kernel (request starts, opens,
+        # connections), kept as long as the history may be asked about them.
+        self.recorder = self.probe_config.history_slots > 0
+        self._history: History | None = None
+        self._recent: deque[Event] = deque()
+        self._last_harvest = 0.0
+        self.summaries_out = 0
+        self.fetched_out = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -95,6 +131,10 @@ class Tracer:
             decoder.node_context = True
             decoder.watch_file = self._watch_file
             decoder.unwatch_fd = probes.unwatch_fd
+        if self.recorder:
+            self._history = probes.open_history()
+            self._fds.keep_past = True
+            decoder.starts = {}
         self.rescan()
         return self
 
@@ -112,8 +152,13 @@ class Tracer:
         try:
             probes.detach()
             self.poll()
+            if self.recorder:
+                self._harvest(idle_ns=0)  # every request left is over: nothing more comes
             self._final_counters = probes.counters()
         finally:
+            if self._history is not None:
+                self._history.close()
+                self._history = None
             probes.close()
             self._fds.close()
             self.sink.close()
@@ -142,10 +187,23 @@ class Tracer:
                 return  # never trace ourselves: every drain would produce more events
             self._probes.add_tgid(pid)
             self._targets.add(pid)
+            if self.recorder:
+                self._teach_fds(pid)
             for port in self._fds.listen_ports(pid) - self._ports:
                 self._probes.add_port(port)
                 self._ports.add(port)
             self._target_added.notify_all()
+
+    def _teach_fds(self, pid: int) -> None:
+        """Tell the kernel what the fds a process had before tracing are: in full capture
+        it learns as their events come by, but a recorder's events do not come by, and
+        its summaries need to know a file from a socket."""
+        try:
+            fds = [int(name) for name in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            return
+        for fd in fds:
+            self._fds.lookup(pid, fd, abi.FD_UNKNOWN)
 
     def wait_for_target(self, pid: int, timeout: float) -> bool:
         """Block until pid is traced (found by name or cgroup on a later scan, say)."""
@@ -197,9 +255,92 @@ class Tracer:
         if "node" in groups:
             keep |= {"storage", "lock"}
         events = [e for e in map(decode, records) if e is not None and e.group in keep]
+        if self.recorder:
+            # Nothing ships per event: what left the kernel waits here with the history.
+            self._recent.extend(events)
+            if time.monotonic() - self._last_harvest >= HARVEST_INTERVAL_S:
+                return self._harvest(SUMMARY_IDLE_NS)
+            return 0
         self.sink.write(events)
         self.events_out += len(events)
         return len(events)
+
+    # -- flight recorder -------------------------------------------------------------------
+
+    def _harvest(self, idle_ns: int) -> int:
+        assert self._probes is not None and self._history is not None
+        self._last_harvest = time.monotonic()
+        summaries = [self._summary_event(s) for s in self._probes.harvest(idle_ns)]
+        self.sink.write(summaries)
+        self.summaries_out += len(summaries)
+        # What the history cannot be asked about any more need not be kept either.
+        covered_from, _ = self._history.coverage()
+        while self._recent and self._recent[0].mono_ns + self._recent[0].dur_ns < covered_from:
+            self._recent.popleft()
+        self._fds.trim(covered_from)
+        return len(summaries)
+
+    def _summary_event(self, s: Summary) -> Event:
+        starts = self._decoder.starts
+        start = starts.pop(s.req_key, None) if starts is not None else None
+        detail: dict[str, Any] = {SUMMARY_FIELDS[k]: v for k, v in s.ns.items()}
+        detail["events"] = s.events
+        return Event(
+            ts_ns=self._decoder.clock.to_wall(s.start_ns),
+            dur_ns=max(0, s.end_ns - s.start_ns),
+            kind="request",
+            pid=s.tgid,
+            tid=s.tid,
+            comm=start.comm if start else proc_comm(s.tgid) or "",
+            fd=s.fd,
+            target=start.target if start else None,
+            ret=0,
+            query_id=self._decoder.requests.get(s.req_key),
+            request_key=s.req_key,
+            inferred=False,
+            group="summary",
+            cgroup_id=start.cgroup_id if start else 0,
+            mono_ns=s.start_ns,
+            detail=detail,
+        )
+
+    def history_status(self) -> tuple[int, int, int] | None:
+        """(bytes, covered_from wall ns, slots written so far), recorder sessions only."""
+        with self._lock:
+            if self._history is None:
+                return None
+            covered, written = self._history.coverage()
+            size = self._history.slots * self._history.cpus * abi.HSLOT_SIZE
+            return size, self._decoder.clock.to_wall(covered), written
+
+    def fetch(self, from_ns: int, to_ns: int) -> Fetched:
+        """Everything the recent history holds of [from_ns, to_ns] (this node's wall
+        clock), decoded as it would have been live."""
+        with self._lock:
+            if self._history is None:
+                raise QtraceError("this session does not record a recent history")
+            clock = self._decoder.clock
+            lo, hi = from_ns - clock.offset_ns, to_ns - clock.offset_ns
+            self._poll()  # what left the kernel up to now, so the window is whole
+            window = self._history.window(lo, hi)
+            decode, res = self._decoder.decode, self._fds
+            groups = self.probe_config.groups
+            keep = groups | {"other"} | ({"lock"} if "storage" in groups else set())
+            if "node" in groups:
+                keep |= {"storage", "lock"}
+            events: list[Event] = []
+            try:
+                for rec in window.records:
+                    res.as_of = abi.EVENT.unpack_from(rec)[0]
+                    e = decode(rec)
+                    if e is not None and e.group in keep:
+                        events.append(e)
+            finally:
+                res.as_of = None
+            events += [e for e in self._recent if e.mono_ns <= hi and e.mono_ns + e.dur_ns >= lo]
+            events.sort(key=lambda e: e.mono_ns)
+            self.fetched_out += len(events)
+            return Fetched(events, window.complete, clock.to_wall(window.covered_from_ns))
 
     def run(self, duration: float | None = None) -> None:
         deadline = None if duration is None else time.monotonic() + duration
@@ -235,6 +376,9 @@ class Tracer:
             "lost": lost,
             "shed": sum(r["shed"] for r in kinds.values()),
             "written": self.events_out,
+            "summaries": self.summaries_out,
+            "fetched": self.fetched_out,
+            "recorded": sum(r.get("recorded", 0) for r in kinds.values()),
             "kinds": kinds,
             "targets": sorted(self._targets),
         }

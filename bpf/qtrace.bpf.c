@@ -31,6 +31,18 @@
 #ifndef QT_NODE
 #define QT_NODE 0
 #endif
+/* Flight recorder (agent/probes.py): events stay in a per-CPU overwriting history that
+ * user space maps and reads only when a query turns out to matter; requests are summed
+ * per request key. Off: every event leaves through the ring buffer (full capture). */
+#ifndef QT_RECORDER
+#define QT_RECORDER 0
+#endif
+#ifndef QT_HIST_SLOTS
+#define QT_HIST_SLOTS 4096 /* per CPU, a power of two */
+#endif
+#ifndef QT_HIST_CPUS
+#define QT_HIST_CPUS 1
+#endif
 
 #define QT_EINPROGRESS 115
 #define QT_TCP_ESTABLISHED 1
@@ -219,19 +231,172 @@ static __always_inline int admit(u16 kind)
 	return 0;
 }
 
+/* Events are built in a per-CPU buffer (programs do not nest on a CPU) and then leave
+ * the kernel or go to the recent history, wherever they were built. */
+struct qt_evbuf {
+	struct qt_event e;
+	u8 payload[QT_CAP_BYTES];
+};
+BPF_PERCPU_ARRAY(evbuf, struct qt_evbuf, 1);
+
 static __always_inline struct qt_event *reserve(u16 kind, int big)
 {
-	struct qt_event *e;
-	if (!admit(kind))
-		return 0;
-	count(kind, QT_C_PRODUCED);
-	if (big)
-		e = events.ringbuf_reserve(sizeof(struct qt_event) + QT_CAP_BYTES);
+	int z = 0;
+	struct qt_evbuf *b = evbuf.lookup(&z);
+	return b ? &b->e : 0;
+}
+
+/* How far an event's payload reaches: no payload or a task name fits a history slot;
+ * paths, request bytes and addresses teach user space, so they always leave at once. */
+#define QT_OUT_SMALL 1
+#define QT_OUT_BIG 2
+
+#if QT_RECORDER
+BPF_F_TABLE("array", u32, struct qt_hslot, history, QT_HIST_CPUS * QT_HIST_SLOTS,
+	    BPF_F_MMAPABLE);
+/* Per CPU: slots written so far. Advanced after the slot is written, so user space
+ * knows every slot below it is whole. */
+BPF_PERCPU_ARRAY(hist_head, u64, 1);
+BPF_TABLE("lru_hash", u64, struct qt_reqsum, reqsums, 65536);
+
+static __always_inline void hist_put(struct qt_event *e)
+{
+	int z = 0;
+	u64 *h = hist_head.lookup(&z);
+	u32 cpu = bpf_get_smp_processor_id();
+	if (!h || cpu >= QT_HIST_CPUS) {
+		count(e->kind, QT_C_LOST_MAPFULL);
+		return;
+	}
+	u32 k = cpu * QT_HIST_SLOTS + (u32)(*h & (QT_HIST_SLOTS - 1));
+	struct qt_hslot *slot = history.lookup(&k);
+	if (!slot)
+		return;
+	__builtin_memcpy(slot, e, sizeof(struct qt_hslot));
+	*h += 1;
+	count(e->kind, QT_C_RECORDED);
+}
+
+static __always_inline int sum_category(struct qt_event *e)
+{
+	switch (e->kind) {
+	case QT_K_BLOCK_RQ:
+		return QT_S_BLOCK;
+	case QT_K_RUNQ:
+		return QT_S_RUNQ;
+	case QT_K_FLOCK:
+	case QT_K_FCNTL:
+	case QT_K_MMAP_LOCK:
+		return QT_S_LOCK;
+	case QT_K_PAGE_FAULT:
+		return QT_S_PFAULT;
+	case QT_K_OFFCPU:
+		return QT_S_OFFCPU;
+	case QT_K_POLL:
+	case QT_K_PPOLL:
+	case QT_K_EPOLL_WAIT:
+	case QT_K_EPOLL_PWAIT:
+	case QT_K_SELECT:
+	case QT_K_PSELECT6:
+		return QT_S_NET;
+	case QT_K_OPENAT:
+	case QT_K_FSYNC:
+	case QT_K_FDATASYNC:
+	case QT_K_RENAME:
+	case QT_K_RENAMEAT2:
+	case QT_K_FTRUNCATE:
+	case QT_K_UNLINK:
+	case QT_K_UNLINKAT:
+		return QT_S_STORAGE;
+	case QT_K_INET_SOCK_SET_STATE:
+	case QT_K_TCP_RETRANSMIT_SKB:
+	case QT_K_EXEC:
+		return -1;
+	}
+	if (e->fdtype == QT_FD_FILE)
+		return QT_S_STORAGE;
+	if (e->fdtype >= QT_FD_SOCK_IN && e->fdtype <= QT_FD_SOCK)
+		return QT_S_NET;
+	return -1;
+}
+
+static __always_inline int is_response_kind(u16 kind)
+{
+	return kind == QT_K_WRITE || kind == QT_K_WRITEV || kind == QT_K_SENDTO ||
+	       kind == QT_K_SENDMSG || kind == QT_K_SENDFILE64;
+}
+
+/* Add an event to its request's summary. The hop is what explain measures: from the end
+ * of the request read to the end of the last response write on that connection. */
+static __always_inline void summarize(struct qt_event *e)
+{
+	u64 key = e->req_key;
+	if (!key)
+		return;
+	struct qt_reqsum *s = reqsums.lookup(&key);
+	if (!s) {
+		struct qt_reqsum z = {};
+		z.start = e->ts_enter;
+		z.tgid = e->tgid;
+		z.tid = e->tid;
+		z.fd = -1;
+		reqsums.update(&key, &z);
+		s = reqsums.lookup(&key);
+		if (!s)
+			return;
+	}
+	if (e->flags & QT_F_REQ_START) {
+		s->start = e->ts_exit;
+		s->last = e->ts_exit;
+		s->tgid = e->tgid;
+		s->tid = e->tid;
+		s->fd = e->fd;
+		return;
+	}
+	s->events++;
+	if (e->ts_exit > s->last)
+		s->last = e->ts_exit;
+	int c = sum_category(e);
+	if (c >= 0 && c < QT_S_MAX) {
+		u64 from = e->ts_enter > s->start ? e->ts_enter : s->start;
+		u64 d = e->ts_exit > from ? e->ts_exit - from : 0;
+		s->ns[c] += d;
+		if (c == QT_S_OFFCPU) {
+			if (e->tid == s->tid)
+				s->ns[QT_S_OFFCPU_MAIN] += d;
+		} else if (e->tid != s->tid && c != QT_S_BLOCK) {
+			s->ns[QT_S_WAITS_OTHERS] += d;
+		}
+	}
+	if (e->tgid == s->tgid && e->fd == s->fd && e->fdtype == QT_FD_SOCK_IN &&
+	    is_response_kind(e->kind)) {
+		s->end = e->ts_exit;
+		__builtin_memcpy(s->at_end, s->ns, sizeof(s->ns));
+		s->events_at_end = s->events;
+	}
+}
+#endif
+
+static __always_inline void submit(struct qt_event *e, int out)
+{
+#if QT_RECORDER
+	summarize(e);
+	if (out != QT_OUT_BIG) {
+		hist_put(e);
+		return;
+	}
+#endif
+	if (!admit(e->kind))
+		return;
+	count(e->kind, QT_C_PRODUCED);
+	long err;
+	if (out)
+		err = events.ringbuf_output(e, sizeof(struct qt_event) + QT_CAP_BYTES,
+					    BPF_RB_NO_WAKEUP);
 	else
-		e = events.ringbuf_reserve(sizeof(struct qt_event));
-	if (!e)
-		count(kind, QT_C_LOST_RINGBUF);
-	return e;
+		err = events.ringbuf_output(e, sizeof(struct qt_event), BPF_RB_NO_WAKEUP);
+	if (err)
+		count(e->kind, QT_C_LOST_RINGBUF);
 }
 
 static __always_inline void fill_task(struct qt_event *e, u64 id)
@@ -567,7 +732,7 @@ static __always_inline int on_exit(u16 exit_kind, long ret)
 			}
 		}
 	}
-	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	submit(e, big ? QT_OUT_BIG : 0);
 	return 0;
 }
 
@@ -815,7 +980,7 @@ static __always_inline int tcp_event(u16 kind, u64 sk, u16 family, u16 sport, u1
 	}
 	e->payload_len = sizeof(struct qt_tuple);
 	e->payload_kind = QT_P_TUPLE;
-	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	submit(e, QT_OUT_BIG);
 	return 0;
 }
 
@@ -900,7 +1065,7 @@ int qt_blk_complete(struct tracepoint__block__block_rq_complete *args)
 	e->payload_kind = QT_P_NONE;
 	e->record = QT_R_EVENT;
 	__builtin_memcpy(e->comm, b.comm, sizeof(e->comm));
-	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	submit(e, 0);
 	return 0;
 }
 
@@ -981,7 +1146,7 @@ static __always_inline void woke(u32 tid, const char *comm)
 	e->payload_kind = QT_P_NONE;
 	e->record = QT_R_EVENT;
 	bpf_probe_read_kernel(e->comm, sizeof(e->comm), comm);
-	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	submit(e, 0);
 }
 
 int qt_wakeup(struct tracepoint__sched__sched_wakeup *args)
@@ -1069,7 +1234,7 @@ int qt_mm_acquired(struct tracepoint__mmap_lock__mmap_lock_acquire_returned *arg
 				__builtin_memcpy((u8 *)(e + 1), w.holder.comm, 16);
 				e->payload_len = 16;
 				e->payload_kind = QT_P_COMM;
-				events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+				submit(e, QT_OUT_SMALL);
 			}
 		}
 	}
@@ -1177,6 +1342,6 @@ int qt_switch(struct tracepoint__sched__sched_switch *args)
 		bpf_probe_read_kernel(pl, 16, args->prev_comm);
 	e->payload_len = 16;
 	e->payload_kind = QT_P_COMM;
-	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	submit(e, QT_OUT_SMALL);
 	return 0;
 }

@@ -118,7 +118,8 @@ enum qt_counter {
 	QT_C_LOST_MAPFULL = 2, /* ...lost because a tracking map was full */
 	QT_C_FILTERED = 3,     /* syscalls suppressed on fds of no interest (not a loss) */
 	QT_C_SHED = 4,         /* over the session's event-rate limit: counted, not shipped */
-	QT_C_MAX = 5,
+	QT_C_RECORDED = 5,     /* kept in the recent history (flight recorder), not shipped */
+	QT_C_MAX = 6,
 };
 
 /* Record kinds in the ring buffers. */
@@ -144,6 +145,43 @@ struct qt_event {
 	u16 payload_kind; /* enum qt_payload */
 	u32 record;       /* enum qt_record */
 	char comm[16];
+};
+
+/* Flight recorder: one slot of the per-CPU recent history. Events whose payload fits
+ * (none, or a task name) stay here; the rest leave the kernel at once. */
+#define QT_HIST_PAYLOAD 32
+struct qt_hslot {
+	struct qt_event e;
+	u8 payload[QT_HIST_PAYLOAD];
+};
+
+/* Flight recorder: where a request's time went, kept per request key in the kernel and
+ * read once per request. Categories are explain's breakdown (collector/explain.py). */
+enum qt_sumcat {
+	QT_S_NET = 0,
+	QT_S_STORAGE = 1,
+	QT_S_BLOCK = 2,
+	QT_S_RUNQ = 3,
+	QT_S_LOCK = 4,
+	QT_S_PFAULT = 5,
+	QT_S_OFFCPU = 6,
+	QT_S_OFFCPU_MAIN = 7,    /* ...of it, the request thread's own sleeps */
+	QT_S_WAITS_OTHERS = 8,   /* waits of the request's other threads */
+	QT_S_MAX = 9,
+};
+
+struct qt_reqsum {
+	u64 start;             /* end of the read that received the request */
+	u64 end;               /* end of the last response write so far; 0: none yet */
+	u64 last;              /* end of the request's latest event */
+	u64 ns[QT_S_MAX];      /* time per category since start */
+	u64 at_end[QT_S_MAX];  /* ns as it was at the last response write */
+	u32 tgid;
+	u32 tid;               /* the thread that read the request */
+	s32 fd;                /* the connection it arrived on */
+	u32 events;
+	u32 events_at_end;
+	u32 _pad;
 };
 
 /* Addresses from TCP tracepoints, IPv4 in the first 4 bytes of the address arrays. */

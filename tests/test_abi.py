@@ -14,6 +14,8 @@ STRUCTS = {
     "qt_tuple": abi.TUPLE_FIELDS,
     "qt_fdkey": abi.FDKEY_FIELDS,
     "qt_fdinfo": abi.FDINFO_FIELDS,
+    "qt_hslot": abi.HSLOT_FIELDS,
+    "qt_reqsum": abi.REQSUM_FIELDS,
 }
 
 
@@ -45,11 +47,15 @@ def test_struct_layouts_match_header(tmp_path: Path) -> None:
             offset += struct.calcsize("<" + fmt)
         assert layout[name]["sizeof"] == offset, f"sizeof {name}"
     assert abi.EVENT.size == layout["qt_event"]["sizeof"]
+    assert abi.HSLOT_SIZE == layout["qt_hslot"]["sizeof"]
+    assert abi.REQSUM.size == layout["qt_reqsum"]["sizeof"]
 
 
 def test_enums_parsed_from_header() -> None:
     assert abi.KINDS["pread64"] == 16
     assert abi.KIND_NAMES[abi.KINDS["block_rq"]] == "block_rq"
     assert len(abi.KINDS) == abi.KIND_MAX - 1
-    assert set(abi.COUNTERS) == {"produced", "lost_ringbuf", "lost_mapfull", "filtered", "shed"}
+    assert set(abi.COUNTERS) == {
+        "produced", "lost_ringbuf", "lost_mapfull", "filtered", "shed", "recorded"
+    }  # fmt: skip
     assert abi.FD_OTHER == 5

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agent.recorder import Detail
 from qtrace.client import credentials, parse_addr
 from qtrace.errors import QtraceError
 from qtrace.output import (
@@ -53,13 +54,25 @@ def agent_trace(
         str,
         typer.Option(help="Probe groups, of net,storage,sched,memory,node or all [all but node]."),
     ] = "",
+    capture: Annotated[
+        Detail,
+        typer.Option(
+            help="full: every event leaves the kernel; recorder: per-request summaries, "
+            "with the detail kept in a recent history in the kernel."
+        ),
+    ] = Detail.full,
+    history_size: Annotated[
+        str, typer.Option(help="Recorder: the recent history's size, e.g. 64M.")
+    ] = "64M",
     fmt: Annotated[Format, typer.Option("--format", help="Summary format.")] = Format.text,
 ) -> None:
     """Trace processes on this machine and write their attributed events as JSON lines."""
     try:
+        history = parse_size(history_size, "--history-size")
         _agent_trace(
             out, pid or [], comm or [], cgroup or [], query_id_header, query_id_regex,
             duration, capture_bytes, ring_pages, probes, fmt,
+            history if capture is Detail.recorder else 0,
         )  # fmt: skip
     except QtraceError as e:
         fail(e)
@@ -77,11 +90,12 @@ def _agent_trace(
     ring_pages: int,
     probes: str,
     fmt: Format,
+    history_bytes: int = 0,
 ) -> None:
     from agent import preflight
     from agent.extract import QueryIdExtractor
     from agent.groups import parse_groups
-    from agent.probes import ProbeConfig
+    from agent.probes import ProbeConfig, history_slots
     from agent.sink import JsonlSink
     from agent.targets import TargetSpec
     from agent.tracer import Tracer
@@ -111,7 +125,12 @@ def _agent_trace(
         spec,
         sink,
         extractor,
-        ProbeConfig(ring_pages=ring_pages, capture_bytes=capture_bytes, groups=groups),
+        ProbeConfig(
+            ring_pages=ring_pages,
+            capture_bytes=capture_bytes,
+            groups=groups,
+            history_slots=history_slots(history_bytes) if history_bytes else 0,
+        ),
     )
 
     stop_on_signals(tracer.stop_event)
@@ -146,8 +165,14 @@ def report(stats: dict[str, Any], fmt: Format) -> None:
         )
     Console().print(table)
     colour = "red" if stats["lost"] else "green"
+    recorded = (
+        f", {stats['recorded']} kept in the recent history ({stats['summaries']} request summaries)"
+        if stats.get("recorded")
+        else ""
+    )
     Console().print(
-        f"[{colour}]{stats['written']} events written, {stats['lost']} lost[/]", highlight=False
+        f"[{colour}]{stats['written']} events written, {stats['lost']} lost[/]{recorded}",
+        highlight=False,
     )
 
 

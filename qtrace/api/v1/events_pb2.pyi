@@ -132,6 +132,7 @@ class DropCounter(_message.Message):
     LOST_AGENT_FIELD_NUMBER: _builtins.int
     LOST_SPOOL_FIELD_NUMBER: _builtins.int
     SHED_FIELD_NUMBER: _builtins.int
+    RECORDED_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     produced: _builtins.int
     received: _builtins.int
@@ -146,6 +147,10 @@ class DropCounter(_message.Message):
     """Over the session's event-rate limit: counted in the kernel, not shipped (one in 64
     still is, as a sample). Not a loss of accounting, but a gap in the detail.
     """
+    recorded: _builtins.int
+    """Kept in the flight recorder's recent history instead of shipped (not a loss: the
+    detail of a query is fetched from there when it turns out to matter).
+    """
     def __init__(
         self,
         *,
@@ -158,10 +163,11 @@ class DropCounter(_message.Message):
         lost_agent: _builtins.int = ...,
         lost_spool: _builtins.int = ...,
         shed: _builtins.int = ...,
+        recorded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filtered", b"filtered", "kind", b"kind", "lost_agent", b"lost_agent", "lost_mapfull", b"lost_mapfull", "lost_ringbuf", b"lost_ringbuf", "lost_spool", b"lost_spool", "produced", b"produced", "received", b"received", "shed", b"shed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filtered", b"filtered", "kind", b"kind", "lost_agent", b"lost_agent", "lost_mapfull", b"lost_mapfull", "lost_ringbuf", b"lost_ringbuf", "lost_spool", b"lost_spool", "produced", b"produced", "received", b"received", "recorded", b"recorded", "shed", b"shed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -182,6 +188,8 @@ class EventBatch(_message.Message):
     SENT_NS_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    FETCHED_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """unique per agent process"""
     node: _builtins.str
@@ -204,6 +212,16 @@ class EventBatch(_message.Message):
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]: ...
     @_builtins.property
     def drops(self) -> _containers.RepeatedCompositeFieldContainer[Global___DropCounter]: ...
+    @_builtins.property
+    def fetched(self) -> Global___FetchResult:
+        """This batch answers a fetch: the events the fetch found are in it and in the batches
+        of that session sent before it.
+        """
+
+    @_builtins.property
+    def history(self) -> Global___HistoryStatus:
+        """Flight recorder sessions: how far back the node's recent history reaches now."""
+
     def __init__(
         self,
         *,
@@ -218,14 +236,114 @@ class EventBatch(_message.Message):
         sent_ns: _builtins.int = ...,
         final: _builtins.bool = ...,
         error: _builtins.str = ...,
+        fetched: Global___FetchResult | None = ...,
+        history: Global___HistoryStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fetched", b"fetched", "history", b"history"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "clock_offset_ns", b"clock_offset_ns", "clock_uncertainty_ns", b"clock_uncertainty_ns", "drops", b"drops", "error", b"error", "events", b"events", "final", b"final", "node", b"node", "sent_ns", b"sent_ns", "seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "clock_offset_ns", b"clock_offset_ns", "clock_uncertainty_ns", b"clock_uncertainty_ns", "drops", b"drops", "error", b"error", "events", b"events", "fetched", b"fetched", "final", b"final", "history", b"history", "node", b"node", "sent_ns", b"sent_ns", "seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015
+
+@_typing.final
+class FetchRequest(_message.Message):
+    """The collector asks an agent for everything its recent history holds of a window
+    (flight recorder sessions), when a query there turns out to matter.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FETCH_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    FROM_NS_FIELD_NUMBER: _builtins.int
+    TO_NS_FIELD_NUMBER: _builtins.int
+    fetch_id: _builtins.str
+    session_id: _builtins.str
+    query_id: _builtins.str
+    from_ns: _builtins.int
+    """the agent's wall clock, as its events carry it"""
+    to_ns: _builtins.int
+    def __init__(
+        self,
+        *,
+        fetch_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        query_id: _builtins.str = ...,
+        from_ns: _builtins.int = ...,
+        to_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetch_id", b"fetch_id", "from_ns", b"from_ns", "query_id", b"query_id", "session_id", b"session_id", "to_ns", b"to_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
+
+@_typing.final
+class FetchResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FETCH_ID_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    COVERED_FROM_NS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    fetch_id: _builtins.str
+    complete: _builtins.bool
+    """the history still held all of the window"""
+    covered_from_ns: _builtins.int
+    """agent wall clock: the history holds everything since then"""
+    events: _builtins.int
+    error: _builtins.str
+    """why nothing could be fetched (the session ended there...)"""
+    def __init__(
+        self,
+        *,
+        fetch_id: _builtins.str = ...,
+        complete: _builtins.bool = ...,
+        covered_from_ns: _builtins.int = ...,
+        events: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "covered_from_ns", b"covered_from_ns", "error", b"error", "events", b"events", "fetch_id", b"fetch_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchResult: _TypeAlias = FetchResult  # noqa: Y015
+
+@_typing.final
+class HistoryStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_FIELD_NUMBER: _builtins.int
+    COVERED_FROM_NS_FIELD_NUMBER: _builtins.int
+    EVENTS_PER_S_FIELD_NUMBER: _builtins.int
+    bytes: _builtins.int
+    """the history's size on this node"""
+    covered_from_ns: _builtins.int
+    """agent wall clock: it holds everything since then"""
+    events_per_s: _builtins.int
+    """how fast it is filling now"""
+    def __init__(
+        self,
+        *,
+        bytes: _builtins.int = ...,
+        covered_from_ns: _builtins.int = ...,
+        events_per_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "covered_from_ns", b"covered_from_ns", "events_per_s", b"events_per_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryStatus: _TypeAlias = HistoryStatus  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -322,18 +440,22 @@ class CollectorMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACK_FIELD_NUMBER: _builtins.int
+    FETCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ack(self) -> Global___BatchAck: ...
+    @_builtins.property
+    def fetch(self) -> Global___FetchRequest: ...
     def __init__(
         self,
         *,
         ack: Global___BatchAck | None = ...,
+        fetch: Global___FetchRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "msg", b"msg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "fetch", b"fetch", "msg", b"msg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "msg", b"msg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "fetch", b"fetch", "msg", b"msg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["ack"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["ack", "fetch"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

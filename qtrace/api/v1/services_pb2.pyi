@@ -31,10 +31,14 @@ class StartSessionRequest(_message.Message):
     STARTED_BY_FIELD_NUMBER: _builtins.int
     CAPTURE_FIELD_NUMBER: _builtins.int
     MAX_EVENT_RATE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    HISTORY_BYTES_FIELD_NUMBER: _builtins.int
     duration_ns: _builtins.int
     started_by: _builtins.str
     max_event_rate: _builtins.int
     """events/s per node leaving the kernel; 0: the default"""
+    detail: _sessions_pb2.DetailMode.ValueType
+    history_bytes: _builtins.int
     @_builtins.property
     def targets(self) -> _sessions_pb2.Targets: ...
     @_builtins.property
@@ -53,10 +57,12 @@ class StartSessionRequest(_message.Message):
         started_by: _builtins.str = ...,
         capture: _sessions_pb2.Capture | None = ...,
         max_event_rate: _builtins.int = ...,
+        detail: _sessions_pb2.DetailMode.ValueType = ...,
+        history_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "extractor", b"extractor", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "duration_ns", b"duration_ns", "extractor", b"extractor", "max_event_rate", b"max_event_rate", "probes", b"probes", "started_by", b"started_by", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "detail", b"detail", "duration_ns", b"duration_ns", "extractor", b"extractor", "history_bytes", b"history_bytes", "max_event_rate", b"max_event_rate", "probes", b"probes", "started_by", b"started_by", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -172,6 +178,7 @@ class SessionAgentStats(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     SHED_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     agent_id: _builtins.str
     node: _builtins.str
@@ -188,6 +195,10 @@ class SessionAgentStats(_message.Message):
     """events over the session's rate limit (see DropCounter.shed)"""
     @_builtins.property
     def drops(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.DropCounter]: ...
+    @_builtins.property
+    def history(self) -> _events_pb2.HistoryStatus:
+        """flight recorder sessions: the node's recent history"""
+
     def __init__(
         self,
         *,
@@ -202,10 +213,11 @@ class SessionAgentStats(_message.Message):
         complete: _builtins.bool = ...,
         error: _builtins.str = ...,
         shed: _builtins.int = ...,
+        history: _events_pb2.HistoryStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["history", b"history"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "batches", b"batches", "complete", b"complete", "dropped", b"dropped", "drops", b"drops", "duplicates", b"duplicates", "error", b"error", "events_stored", b"events_stored", "node", b"node", "session_id", b"session_id", "shed", b"shed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "batches", b"batches", "complete", b"complete", "dropped", b"dropped", "drops", b"drops", "duplicates", b"duplicates", "error", b"error", "events_stored", b"events_stored", "history", b"history", "node", b"node", "session_id", b"session_id", "shed", b"shed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cqtrace/api/v1/sessions.proto\x12\rqtrace.api.v1\"\x8a\x01\n\x07Targets\x12\x0c\n\x04pids\x18\x01 \x03(\r\x12\r\n\x05\x63omms\x18\x02 \x03(\t\x12\x17\n\x0f\x63mdline_regexes\x18\x03 \x03(\t\x12\x0f\n\x07\x63groups\x18\x04 \x03(\t\x12\x12\n\nnamespaces\x18\x05 \x03(\t\x12\x16\n\x0elabel_selector\x18\x06 \x01(\t\x12\x0c\n\x04pods\x18\x07 \x03(\t\"L\n\tExtractor\x12\x10\n\x06header\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\x15\n\rcapture_bytes\x18\x03 \x01(\rB\x05\n\x03how\"-\n\tRedaction\x12\x0f\n\x07headers\x18\x01 \x03(\t\x12\x0f\n\x07regexes\x18\x02 \x03(\t\"h\n\x07\x43\x61pture\x12\x10\n\x08requests\x18\x01 \x01(\x08\x12\x0e\n\x06\x62odies\x18\x02 \x01(\x08\x12\x11\n\tmax_bytes\x18\x03 \x01(\r\x12(\n\x06redact\x18\x04 \x01(\x0b\x32\x18.qtrace.api.v1.Redaction\"\xb8\x02\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x07targets\x18\x02 \x01(\x0b\x32\x16.qtrace.api.v1.Targets\x12\x0e\n\x06probes\x18\x03 \x03(\t\x12+\n\textractor\x18\x04 \x01(\x0b\x32\x18.qtrace.api.v1.Extractor\x12\x12\n\ncreated_ns\x18\x05 \x01(\x03\x12\x12\n\nexpires_ns\x18\x06 \x01(\x03\x12\x12\n\nstarted_by\x18\x07 \x01(\t\x12*\n\x05state\x18\x08 \x01(\x0e\x32\x1b.qtrace.api.v1.SessionState\x12\x12\n\nstopped_ns\x18\t \x01(\x03\x12\'\n\x07\x63\x61pture\x18\n \x01(\x0b\x32\x16.qtrace.api.v1.Capture\x12\x16\n\x0emax_event_rate\x18\x0b \x01(\x04\"L\n\nSessionSet\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.qtrace.api.v1.Session\x12\x14\n\x0c\x63ollector_ns\x18\x02 \x01(\x03\"6\n\x14WatchSessionsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t*}\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SESSION_STATE_ACTIVE\x10\x01\x12\x19\n\x15SESSION_STATE_STOPPED\x10\x02\x12\x19\n\x15SESSION_STATE_EXPIRED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cqtrace/api/v1/sessions.proto\x12\rqtrace.api.v1\"\x8a\x01\n\x07Targets\x12\x0c\n\x04pids\x18\x01 \x03(\r\x12\r\n\x05\x63omms\x18\x02 \x03(\t\x12\x17\n\x0f\x63mdline_regexes\x18\x03 \x03(\t\x12\x0f\n\x07\x63groups\x18\x04 \x03(\t\x12\x12\n\nnamespaces\x18\x05 \x03(\t\x12\x16\n\x0elabel_selector\x18\x06 \x01(\t\x12\x0c\n\x04pods\x18\x07 \x03(\t\"L\n\tExtractor\x12\x10\n\x06header\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\x15\n\rcapture_bytes\x18\x03 \x01(\rB\x05\n\x03how\"-\n\tRedaction\x12\x0f\n\x07headers\x18\x01 \x03(\t\x12\x0f\n\x07regexes\x18\x02 \x03(\t\"h\n\x07\x43\x61pture\x12\x10\n\x08requests\x18\x01 \x01(\x08\x12\x0e\n\x06\x62odies\x18\x02 \x01(\x08\x12\x11\n\tmax_bytes\x18\x03 \x01(\r\x12(\n\x06redact\x18\x04 \x01(\x0b\x32\x18.qtrace.api.v1.Redaction\"\xfa\x02\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x07targets\x18\x02 \x01(\x0b\x32\x16.qtrace.api.v1.Targets\x12\x0e\n\x06probes\x18\x03 \x03(\t\x12+\n\textractor\x18\x04 \x01(\x0b\x32\x18.qtrace.api.v1.Extractor\x12\x12\n\ncreated_ns\x18\x05 \x01(\x03\x12\x12\n\nexpires_ns\x18\x06 \x01(\x03\x12\x12\n\nstarted_by\x18\x07 \x01(\t\x12*\n\x05state\x18\x08 \x01(\x0e\x32\x1b.qtrace.api.v1.SessionState\x12\x12\n\nstopped_ns\x18\t \x01(\x03\x12\'\n\x07\x63\x61pture\x18\n \x01(\x0b\x32\x16.qtrace.api.v1.Capture\x12\x16\n\x0emax_event_rate\x18\x0b \x01(\x04\x12)\n\x06\x64\x65tail\x18\x0c \x01(\x0e\x32\x19.qtrace.api.v1.DetailMode\x12\x15\n\rhistory_bytes\x18\r \x01(\x04\"L\n\nSessionSet\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.qtrace.api.v1.Session\x12\x14\n\x0c\x63ollector_ns\x18\x02 \x01(\x03\"6\n\x14WatchSessionsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t*}\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SESSION_STATE_ACTIVE\x10\x01\x12\x19\n\x15SESSION_STATE_STOPPED\x10\x02\x12\x19\n\x15SESSION_STATE_EXPIRED\x10\x03*<\n\nDetailMode\x12\x14\n\x10\x44\x45TAIL_MODE_FULL\x10\x00\x12\x18\n\x14\x44\x45TAIL_MODE_RECORDER\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qtrace.api.v1.sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONSTATE']._serialized_start=868
-  _globals['_SESSIONSTATE']._serialized_end=993
+  _globals['_SESSIONSTATE']._serialized_start=934
+  _globals['_SESSIONSTATE']._serialized_end=1059
+  _globals['_DETAILMODE']._serialized_start=1061
+  _globals['_DETAILMODE']._serialized_end=1121
   _globals['_TARGETS']._serialized_start=48
   _globals['_TARGETS']._serialized_end=186
   _globals['_EXTRACTOR']._serialized_start=188
@@ -42,9 +44,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAPTURE']._serialized_start=313
   _globals['_CAPTURE']._serialized_end=417
   _globals['_SESSION']._serialized_start=420
-  _globals['_SESSION']._serialized_end=732
-  _globals['_SESSIONSET']._serialized_start=734
-  _globals['_SESSIONSET']._serialized_end=810
-  _globals['_WATCHSESSIONSREQUEST']._serialized_start=812
-  _globals['_WATCHSESSIONSREQUEST']._serialized_end=866
+  _globals['_SESSION']._serialized_end=798
+  _globals['_SESSIONSET']._serialized_start=800
+  _globals['_SESSIONSET']._serialized_end=876
+  _globals['_WATCHSESSIONSREQUEST']._serialized_start=878
+  _globals['_WATCHSESSIONSREQUEST']._serialized_end=932
 # @@protoc_insertion_point(module_scope)

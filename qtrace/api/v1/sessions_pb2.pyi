@@ -38,6 +38,21 @@ SESSION_STATE_STOPPED: SessionState.ValueType  # 2
 SESSION_STATE_EXPIRED: SessionState.ValueType  # 3
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
 
+class _DetailMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DetailModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DetailMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DETAIL_MODE_FULL: _DetailMode.ValueType  # 0
+    DETAIL_MODE_RECORDER: _DetailMode.ValueType  # 1
+
+class DetailMode(_DetailMode, metaclass=_DetailModeEnumTypeWrapper): ...
+
+DETAIL_MODE_FULL: DetailMode.ValueType  # 0
+DETAIL_MODE_RECORDER: DetailMode.ValueType  # 1
+Global___DetailMode: _TypeAlias = DetailMode  # noqa: Y015
+
 @_typing.final
 class Targets(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -193,6 +208,8 @@ class Session(_message.Message):
     STOPPED_NS_FIELD_NUMBER: _builtins.int
     CAPTURE_FIELD_NUMBER: _builtins.int
     MAX_EVENT_RATE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    HISTORY_BYTES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     created_ns: _builtins.int
     """collector wall clock"""
@@ -205,6 +222,12 @@ class Session(_message.Message):
     """Events per second per node that may leave the kernel; over it they are counted as
     shed and sampled, so the traced service never waits for qtrace.
     """
+    detail: Global___DetailMode.ValueType
+    """What leaves the kernel: every event (full), or per-request summaries with the detail
+    kept in a per-CPU recent history and fetched when a query turns out to matter.
+    """
+    history_bytes: _builtins.int
+    """flight recorder: history size per node; 0: the default"""
     @_builtins.property
     def targets(self) -> Global___Targets: ...
     @_builtins.property
@@ -229,10 +252,12 @@ class Session(_message.Message):
         stopped_ns: _builtins.int = ...,
         capture: Global___Capture | None = ...,
         max_event_rate: _builtins.int = ...,
+        detail: Global___DetailMode.ValueType = ...,
+        history_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "extractor", b"extractor", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "created_ns", b"created_ns", "expires_ns", b"expires_ns", "extractor", b"extractor", "id", b"id", "max_event_rate", b"max_event_rate", "probes", b"probes", "started_by", b"started_by", "state", b"state", "stopped_ns", b"stopped_ns", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "created_ns", b"created_ns", "detail", b"detail", "expires_ns", b"expires_ns", "extractor", b"extractor", "history_bytes", b"history_bytes", "id", b"id", "max_event_rate", b"max_event_rate", "probes", b"probes", "started_by", b"started_by", "state", b"state", "stopped_ns", b"stopped_ns", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
