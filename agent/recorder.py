@@ -7,6 +7,7 @@ BPF array only when a query's detail is asked for, in one copy, then filtered.""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import enum
@@ -22,10 +23,11 @@ _SLOT_WORDS = abi.HSLOT_SIZE // 8
 # The history's size per node when a session does not say: ~520k events, about 10 s at
 # 50k events/s, minutes for a service at a few thousand requests per second.
 DEFAULT_HISTORY_BYTES = 64 << 20
+MIN_HISTORY_BYTES = 1 << 20
 MAX_HISTORY_BYTES = 4 << 30
 
 
-class Detail(str, enum.Enum):
+class Detail(enum.StrEnum):
     """What leaves the kernel during a session."""
 
     full = "full"  # every event, as it happens
@@ -55,6 +57,31 @@ class Summary:
     end_ns: int  # the end of its last response write; its start when it never answered
     events: int
     ns: dict[str, int]
+
+
+class Intervals:
+    """Time ranges already fetched (disjoint, sorted): overlapping fetches send each event
+    once."""
+
+    def __init__(self) -> None:
+        self._spans: list[tuple[int, int]] = []
+
+    def holds(self, lo: int, hi: int) -> bool:
+        i = bisect.bisect_right(self._spans, (lo, 1 << 64)) - 1
+        return i >= 0 and self._spans[i][0] <= lo and hi <= self._spans[i][1]
+
+    def add(self, lo: int, hi: int) -> None:
+        merged = []
+        for a, b in self._spans:
+            if b < lo or a > hi:
+                merged.append((a, b))
+            else:
+                lo, hi = min(lo, a), max(hi, b)
+        merged.append((lo, hi))
+        self._spans = sorted(merged)
+
+    def forget_before(self, t: int) -> None:
+        self._spans = [(a, b) for a, b in self._spans if b >= t]
 
 
 class History:
@@ -88,13 +115,16 @@ class History:
                 oldest = max(oldest, ts)
         return oldest, sum(heads)
 
-    def window(self, from_ns: int, to_ns: int) -> Window:
-        """Every recorded event overlapping [from_ns, to_ns], oldest first per CPU."""
+    def window(self, from_ns: int, to_ns: int, sent: Intervals | None = None) -> Window:
+        """Every recorded event overlapping [from_ns, to_ns], oldest first, but those
+        wholly inside what was ``sent`` before."""
         h0 = self.heads()
         data = self._map[:]  # one copy; slots written meanwhile are told by the heads
         h1 = self.heads()
         words = memoryview(data).cast("Q")
-        covered = self.started_ns
+        # Only a ring that went round has lost anything: before the session began there
+        # was nothing to record.
+        covered = 0
         records: list[tuple[int, bytes]] = []
         for cpu in range(self.cpus):
             # Whole and not overwritten during the copy: sequence numbers [lo, hi).
@@ -110,7 +140,11 @@ class History:
             ent, ext = enters.tolist(), exits.tolist()
             for seq in range(lo, hi):
                 i = seq % self.slots
-                if ext[i] >= from_ns and ent[i] <= to_ns:
+                if (
+                    ext[i] >= from_ns
+                    and ent[i] <= to_ns
+                    and not (sent and sent.holds(ent[i], ext[i]))
+                ):
                     off = (base + i) * abi.HSLOT_SIZE
                     records.append((ent[i], data[off : off + abi.HSLOT_SIZE]))
         records.sort(key=lambda r: r[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from agent.extract import QueryIdExtractor
 from agent.k8s import ContainerRef, PodTargets, PodWatcher
 from agent.labels import SelectorError
 from agent.model import Event
-from agent.probes import ProbeConfig
+from agent.probes import ProbeConfig, history_slots
 from agent.shipper import KEEPALIVE_OPTIONS, Shipper
 from agent.spool import Spool, SpoolError
 from agent.targets import TargetSpec, cgroup2_root
@@ -103,6 +104,9 @@ def probe_config_for(s: sessions_pb2.Session, ring_pages: int) -> ProbeConfig:
         capture_bytes=cap,
         groups=groups,
         max_event_rate=s.max_event_rate,
+        history_slots=history_slots(s.history_bytes)
+        if s.detail == sessions_pb2.DETAIL_MODE_RECORDER
+        else 0,
     )
 
 
@@ -138,6 +142,9 @@ class AgentRuntime:
         self.agent_id = f"{node}-{uuid.uuid4().hex[:8]}"
         self.drain_interval = drain_interval
         self.stop_event = threading.Event()
+        # Fetches are served on their own thread: the stream that brought them keeps
+        # reading acks meanwhile.
+        self._fetches: queue.Queue[events_pb2.FetchRequest] = queue.Queue()
         self.credentials = credentials or Credentials()
         self._channel = open_channel(collector, self.credentials, options=KEEPALIVE_OPTIONS)
         self.shipper = Shipper(
@@ -150,7 +157,10 @@ class AgentRuntime:
             spill_bytes=max(1 << 20, max_memory // 16),
             memory_cap=max_memory,
         )
+        self.shipper.on_fetch = self._fetches.put
+        self.shipper.history = self._history
         self.running: dict[str, Running] = {}
+        self._rates: dict[str, tuple[float, int, int]] = {}  # sid -> (when, written, rate)
         self._ended: set[str] = set()  # expired or stopped here: never restarted
         self._desired: dict[str, tuple[sessions_pb2.Session, float]] | None = None
         self._lock = threading.Lock()
@@ -172,6 +182,7 @@ class AgentRuntime:
                     lost_mapfull=r["lost_mapfull"],
                     filtered=r["filtered"],
                     shed=r["shed"],
+                    recorded=r.get("recorded", 0),
                 )
             )
         lost = self.shipper.lost.get(session_id, 0)
@@ -179,6 +190,47 @@ class AgentRuntime:
         if lost or lost_spool:
             rows.append(events_pb2.DropCounter(kind="*", lost_agent=lost, lost_spool=lost_spool))
         return rows
+
+    # -- flight recorder -------------------------------------------------------------------
+
+    def _history(self, session_id: str) -> events_pb2.HistoryStatus | None:
+        run = self.running.get(session_id)
+        status = run.tracer.history_status() if run else None
+        if status is None:
+            return None
+        size, covered_from, written = status
+        now = time.monotonic()
+        when, before, rate = self._rates.get(session_id, (now, written, 0))
+        if now - when >= 1.0:
+            rate = int((written - before) / (now - when))
+            when, before = now, written
+        self._rates[session_id] = (when, before, rate)
+        return events_pb2.HistoryStatus(bytes=size, covered_from_ns=covered_from, events_per_s=rate)
+
+    def _serve_fetches(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                f = self._fetches.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            result = events_pb2.FetchResult(fetch_id=f.fetch_id)
+            run = self.running.get(f.session_id)
+            try:
+                if run is None:
+                    raise QtraceError(f"session {f.session_id} is not running on {self.node}")
+                got = run.tracer.fetch(f.from_ns, f.to_ns)
+            except QtraceError as e:
+                result.error = str(e)
+            else:
+                run.tracer.sink.write(got.events)
+                result.complete = got.complete
+                result.covered_from_ns = got.covered_from_ns
+                result.events = len(got.events)
+                log.info(
+                    "fetch %s (query %s): %d events%s", f.fetch_id, f.query_id,
+                    len(got.events), "" if got.complete else ", window partly overwritten",
+                )  # fmt: skip
+            self.shipper.answer(f.session_id, result)
 
     # -- sessions from the collector -----------------------------------------------------
 
@@ -304,6 +356,7 @@ class AgentRuntime:
         self.shipper.start()
         watcher = threading.Thread(target=self._watch, name="qtrace-watch", daemon=True)
         watcher.start()
+        threading.Thread(target=self._serve_fetches, name="qtrace-fetch", daemon=True).start()
         try:
             while not self.stop_event.is_set():
                 self._apply()

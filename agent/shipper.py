@@ -137,6 +137,10 @@ class Shipper:
         self.connected = False
         self.rejected = 0
         self._shed_warned = False
+        # Flight recorder: what the collector asks of the recent history, and what the
+        # history holds now (carried by every batch of a recorder session).
+        self.on_fetch: Callable[[events_pb2.FetchRequest], None] = lambda f: None
+        self.history: Callable[[str], events_pb2.HistoryStatus | None] = lambda sid: None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qtrace-ship", daemon=True)
         if spool is not None:
@@ -220,6 +224,14 @@ class Shipper:
             self._cut(session_id, list(buf), final=final, error=error)
             buf.clear()
 
+    def answer(self, session_id: str, result: events_pb2.FetchResult) -> None:
+        """Cut what is open for the session (the fetched events are in it or before it)
+        in a batch that says the fetch is done."""
+        with self._cv:
+            buf = self._open.get(session_id) or []
+            self._cut(session_id, list(buf), fetched=result)
+            buf.clear()
+
     def flush_all(self) -> None:
         with self._cv:
             for sid, buf in self._open.items():
@@ -233,6 +245,7 @@ class Shipper:
         events: list[events_pb2.Event],
         final: bool = False,
         error: str = "",
+        fetched: events_pb2.FetchResult | None = None,
     ) -> None:
         self._seq += 1
         batch = events_pb2.EventBatch(
@@ -244,6 +257,8 @@ class Shipper:
             drops=self._drops(session_id),
             final=final,
             error=error,
+            fetched=fetched,
+            history=self.history(session_id),
         )
         self._enqueue(batch)
 
@@ -449,6 +464,9 @@ class Shipper:
                 for msg in call:
                     self.connected = True
                     backoff = 0.05
+                    if msg.WhichOneof("msg") == "fetch":
+                        self.on_fetch(msg.fetch)
+                        continue
                     self._on_ack(msg.ack)
             except StreamOutOfStep as e:
                 log.error("%s: restarting the stream", e)

@@ -16,7 +16,7 @@ from agent.extract import QueryIdExtractor
 from agent.fdresolve import FdResolver
 from agent.model import Event
 from agent.probes import ProbeConfig, Probes
-from agent.recorder import History, Summary
+from agent.recorder import History, Intervals, Summary
 from agent.sink import EventSink
 from agent.targets import TargetResolver, TargetSpec, proc_comm
 from qtrace.errors import QtraceError
@@ -93,6 +93,8 @@ class Tracer:
         self._last_harvest = 0.0
         self.summaries_out = 0
         self.fetched_out = 0
+        self.fetched_kinds: Counter[str] = Counter()
+        self._sent = Intervals()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -278,6 +280,7 @@ class Tracer:
         while self._recent and self._recent[0].mono_ns + self._recent[0].dur_ns < covered_from:
             self._recent.popleft()
         self._fds.trim(covered_from)
+        self._sent.forget_before(covered_from)
         return len(summaries)
 
     def _summary_event(self, s: Summary) -> Event:
@@ -322,13 +325,15 @@ class Tracer:
             clock = self._decoder.clock
             lo, hi = from_ns - clock.offset_ns, to_ns - clock.offset_ns
             self._poll()  # what left the kernel up to now, so the window is whole
-            window = self._history.window(lo, hi)
+            window = self._history.window(lo, hi, self._sent)
             decode, res = self._decoder.decode, self._fds
             groups = self.probe_config.groups
             keep = groups | {"other"} | ({"lock"} if "storage" in groups else set())
             if "node" in groups:
                 keep |= {"storage", "lock"}
             events: list[Event] = []
+            # Counted apart: `received` is what normal operation costs per event.
+            live, self._decoder.received = self._decoder.received, self.fetched_kinds
             try:
                 for rec in window.records:
                     res.as_of = abi.EVENT.unpack_from(rec)[0]
@@ -337,6 +342,7 @@ class Tracer:
                         events.append(e)
             finally:
                 res.as_of = None
+                self._decoder.received = live
             events += [e for e in self._recent if e.mono_ns <= hi and e.mono_ns + e.dur_ns >= lo]
             events.sort(key=lambda e: e.mono_ns)
             self.fetched_out += len(events)

@@ -101,7 +101,8 @@ def explain(
     """Works on the stored clocks (a node's own events compare as they are), then moves
     every timestamp of the answer onto the happens-before aligned clock."""
     events, truncated = store.query_events(query_id, 100_000)
-    if not events and not anomalies:
+    summaries = store.summaries(query_id)
+    if not events and not summaries and not anomalies:
         raise NotFound(
             f"query {query_id!r} is unknown: no events and no anomaly mention it "
             "(was it traced? `qtrace session list --all`)"
@@ -120,10 +121,10 @@ def explain(
         },
     }
     reasons: list[str] = out["completeness"]["reasons"]
-    if not events:
+    if not events and not summaries:
         reasons.append("no kernel events for this query: it ran outside any trace session")
         return out
-    session_id = events[0].session_id
+    session_id = events[0].session_id if events else summaries[0][0]
     session = next((x for x in store.load_sessions() if x.id == session_id), None)
     groups = frozenset(session.probes if session else ())
     if truncated:
@@ -217,7 +218,9 @@ def explain(
         reasons.append("on_cpu is null: the session did not trace the sched group")
     if "memory" not in groups:
         reasons.append("page_fault is null: the session did not trace the memory group")
-    out["completeness"]["complete"] = not truncated and not drops and not shedding
+    recorded = _recorder_gaps(store, query_id, out["hops"], by_hop)
+    reasons += recorded
+    out["completeness"]["complete"] = not truncated and not drops and not shedding and not recorded
     alignment = (aligner or Aligner(store)).alignment(session_id)
     _align(out, alignment.shifts)
     uncertainty = store.clock_uncertainty(session_id)
@@ -225,6 +228,36 @@ def explain(
         uncertainty = min(uncertainty, alignment.uncertainty_ns)
     out["completeness"]["clock_uncertainty_ns"] = uncertainty
     return out
+
+
+def _recorder_gaps(
+    store: Store,
+    query_id: str,
+    hops: list[dict[str, Any]],
+    by_hop: dict[tuple[str, int], list[services_pb2.NodeEvent]],
+) -> list[str]:
+    """Flight recorder sessions: what of the query's detail could not be fetched."""
+    gaps = []
+    for f in store.fetches(query_id):
+        where = f"the recent history on {f['node']}"
+        if f["error"]:
+            gaps.append(f"{where} could not be read: {f['error']}")
+        elif f["done_ns"] is None:
+            gaps.append(f"{where} was asked for this query's window; the answer has not come")
+        elif not f["complete"]:
+            short = (f["covered_from_ns"] or f["to_ns"]) - f["from_ns"]
+            gaps.append(
+                f"{where} had been overwritten: it reached back to {short / 1e6:.0f} ms after "
+                "the start of this query's window, so earlier events are missing (report "
+                "anomalies sooner, or raise --history-size)"
+            )
+    for hop in hops:
+        if not by_hop.get((hop["node"], hop["pid"])):
+            gaps.append(
+                f"{hop['comm']} (pid {hop['pid']}) on {hop['node']}: only the kernel's summary "
+                "of this hop is known, no event detail"
+            )
+    return gaps
 
 
 def _align(out: dict[str, Any], shifts: dict[str, int]) -> None:
@@ -474,6 +507,11 @@ def _excess_finding(
     }
 
 
+# A file a query read may have been rewritten a little before: writers are looked for this
+# far back (and the flight recorder fetches at least this much before a query).
+WRITER_LOOKBACK_NS = 1_000_000_000
+
+
 def _unusual_files(
     store: Store,
     query_id: str,
@@ -483,7 +521,7 @@ def _unusual_files(
     query_tids: set[int],
 ) -> dict[str, Any] | None:
     used = [ne for ne in hop_events if ne.event.target in files]
-    others = store.window_events(hop["node"], hop["start_ns"] - 1_000_000_000, hop["end_ns"],
+    others = store.window_events(hop["node"], hop["start_ns"] - WRITER_LOOKBACK_NS, hop["end_ns"],
                                  files, query_id)  # fmt: skip
     writers = [
         ne for ne in others if ne.event.kind.startswith(("pwrite", "write", "rename", "ftruncate"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from collector.audit import AuditLog, default_path
 from collector.auth import Access, AuthInterceptor, Security
 from collector.clocks import Aligner
 from collector.explain import NotFound, explain
+from collector.fetch import DEFAULT_WAIT_S, Fetcher
 from collector.outliers import DEFAULT_FACTOR, DEFAULT_MIN_EXCESS_NS, detect
 from collector.sessions import SessionError, SessionRegistry, UnknownSession
 from collector.store import Store
@@ -53,6 +55,8 @@ class AgentState:
     clock_offset_ns: int = 0
     clock_uncertainty_ns: int = 0
     duplicates: dict[str, int] = field(default_factory=dict)
+    # What goes down its Ingest stream besides acks (fetches); None while it is away.
+    outbox: queue.Queue[Any] | None = None
 
 
 class BadBatch(ValueError):
@@ -151,6 +155,14 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         self._stopping = threading.Event()
         self.latency_factor = DEFAULT_FACTOR
         self.latency_min_excess_ns = DEFAULT_MIN_EXCESS_NS
+        self.fetcher = Fetcher(store, self._store_lock, self._agent)
+        # Flight recorder sessions: each agent's history, as its latest batch said.
+        self._history: dict[tuple[str, str], tuple[events_pb2.HistoryStatus, int]] = {}
+        self.fetch_wait_s = DEFAULT_WAIT_S
+
+    def _agent(self, agent_id: str) -> AgentState | None:
+        with self._lock:
+            return self.agents.get(agent_id)
 
     # -- AgentService ----------------------------------------------------------------------
 
@@ -159,33 +171,59 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         request_iterator: Iterator[events_pb2.AgentMessage],
         context: grpc.ServicerContext,
     ) -> Iterator[events_pb2.CollectorMessage]:
-        agent: AgentState | None = None
-        try:
-            for msg in request_iterator:
-                if msg is UNPARSABLE:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not an AgentMessage")
-                which = msg.WhichOneof("msg")
-                if which == "hello":
-                    agent = self._hello(msg.hello)
-                    continue
-                if which != "batch":
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty AgentMessage")
-                received = time.time_ns()
-                yield events_pb2.CollectorMessage(ack=self._ingest(msg.batch, received, context))
-                if agent is not None:
-                    agent.last_batch_ns = received
-                    agent.clock_offset_ns = msg.batch.clock_offset_ns
-                    agent.clock_uncertainty_ns = msg.batch.clock_uncertainty_ns
-        finally:
-            if agent is not None:
-                agent.connected = False
+        # Acks answer batches, but fetches go down whenever a query turns out to matter:
+        # batches are read on their own thread and both wait in one queue.
+        out: queue.Queue[Any] = queue.Queue()
+        done = object()
+        holder: list[AgentState] = []
 
-    def _hello(self, hello: events_pb2.Hello) -> AgentState:
+        def read() -> None:
+            try:
+                for msg in request_iterator:
+                    if msg is UNPARSABLE:
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not an AgentMessage")
+                    which = msg.WhichOneof("msg")
+                    if which == "hello":
+                        holder[:] = [self._hello(msg.hello, out)]
+                        continue
+                    if which != "batch":
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty AgentMessage")
+                    received = time.time_ns()
+                    out.put(
+                        events_pb2.CollectorMessage(ack=self._ingest(msg.batch, received, context))
+                    )
+                    if holder:
+                        agent = holder[0]
+                        agent.last_batch_ns = received
+                        agent.clock_offset_ns = msg.batch.clock_offset_ns
+                        agent.clock_uncertainty_ns = msg.batch.clock_uncertainty_ns
+            except BaseException as e:  # an abort, or the stream breaking: the handler's
+                out.put(e)
+            finally:
+                out.put(done)
+
+        reader = threading.Thread(target=read, name="qtrace-ingest", daemon=True)
+        reader.start()
+        try:
+            while True:
+                item = out.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if holder:
+                holder[0].connected = False
+                holder[0].outbox = None
+
+    def _hello(self, hello: events_pb2.Hello, outbox: queue.Queue[Any]) -> AgentState:
         with self._lock:
             state = self.agents.get(hello.agent_id)
             if state is None:
                 state = self.agents[hello.agent_id] = AgentState(hello.agent_id, hello.node)
             state.connected = True
+            state.outbox = outbox
             state.connected_ns = time.time_ns()
             return state
 
@@ -210,8 +248,14 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             # agent sends.
             for ev in b.events:
                 ev.ClearField("request")
+        recorder = session.detail == sessions_pb2.DETAIL_MODE_RECORDER
         with self._store_lock:
-            stored, duplicate = self.store.ingest(b, received)
+            stored, duplicate = self.store.ingest(b, received, dedupe=recorder)
+            if b.HasField("fetched") and not duplicate:
+                self.fetcher.answered(b, b.clock_offset_ns)
+        if b.HasField("history"):
+            with self._lock:
+                self._history[(b.session_id, b.agent_id)] = (b.history, b.clock_offset_ns)
         if duplicate:
             with self._lock:
                 st = self.agents.get(b.agent_id)
@@ -317,6 +361,10 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
                 st = self.agents.get(r.agent_id)
                 if st is not None:
                     r.duplicates = st.duplicates.get(r.session_id, 0)
+                hist = self._history.get((r.session_id, r.agent_id))
+                if hist is not None:
+                    r.history.CopyFrom(hist[0])
+                    r.history.covered_from_ns += hist[1]  # onto the collector's clock
         return rows
 
     def Status(
@@ -347,6 +395,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         if not request.query_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query_id is empty")
         limit = request.limit or DEFAULT_QUERY_LIMIT
+        self.fetcher.request(request.query_id, wait_s=self.fetch_wait_s)
         with self._store_lock:
             events, truncated, _ = self.aligner.events(request.query_id, limit)
         return services_pb2.QueryEventsResponse(
@@ -358,6 +407,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
     ) -> services_pb2.ExplainResponse:
         if not request.query_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query_id is empty")
+        self.fetcher.request(request.query_id, wait_s=self.fetch_wait_s)
         with self._store_lock:
             anomalies = self.store.list_anomalies(query_id=request.query_id)
             try:
@@ -410,6 +460,8 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             stamped.append(b)
         with self._store_lock:
             n = self.store.add_anomalies(stamped, now)
+        # Flight recorder sessions: their detail is fetched now, while the history has it.
+        self.fetcher.want([a.query_id for a in stamped])
         return anomalies_pb2.ReportAnomaliesResponse(accepted=n)
 
     def ListAnomalies(
@@ -437,10 +489,13 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
                 if new:
                     self.store.add_anomalies(new, time.time_ns())
                     found += len(new)
+            if new:
+                self.fetcher.want([a.query_id for a in new])
         return found
 
     def stop(self) -> None:
         self._stopping.set()
+        self.fetcher.close()
         self.sessions.close()
 
 

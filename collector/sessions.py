@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from agent.groups import parse_groups
 from agent.labels import SelectorError, parse_selector
+from agent.recorder import DEFAULT_HISTORY_BYTES, MAX_HISTORY_BYTES, MIN_HISTORY_BYTES
 from qtrace.api.v1 import services_pb2, sessions_pb2
 from qtrace.redact import RedactionError, Redactor
 
@@ -56,6 +57,11 @@ def validate_start(req: services_pb2.StartSessionRequest) -> list[str]:
         raise SessionError(str(e)) from None
     if req.max_event_rate > MAX_EVENT_RATE:
         raise SessionError(f"max event rate must be at most {MAX_EVENT_RATE} events/s per node")
+    if req.history_bytes and not (MIN_HISTORY_BYTES <= req.history_bytes <= MAX_HISTORY_BYTES):
+        raise SessionError(
+            f"history size must be from {MIN_HISTORY_BYTES >> 20} MiB to "
+            f"{MAX_HISTORY_BYTES >> 30} GiB per node"
+        )
     if req.duration_ns < 0 or req.duration_ns > MAX_DURATION_NS:
         raise SessionError("duration must be between 1 s and 24 h")
     cap = req.capture
@@ -125,6 +131,10 @@ class SessionRegistry:
             state=sessions_pb2.SESSION_STATE_ACTIVE,
             capture=req.capture,
             max_event_rate=req.max_event_rate or DEFAULT_MAX_EVENT_RATE,
+            detail=req.detail,
+            history_bytes=(req.history_bytes or DEFAULT_HISTORY_BYTES)
+            if req.detail == sessions_pb2.DETAIL_MODE_RECORDER
+            else 0,
         )
         with self._cv:
             self._sessions[s.id] = s

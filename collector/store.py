@@ -78,6 +78,21 @@ CREATE TABLE IF NOT EXISTS anomalies (
     received_ns BIGINT NOT NULL,
     pb BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fetches (
+    fetch_id VARCHAR NOT NULL,
+    query_id VARCHAR NOT NULL,
+    session_id VARCHAR NOT NULL,
+    node VARCHAR NOT NULL,
+    agent_id VARCHAR NOT NULL,
+    requested_ns BIGINT NOT NULL,
+    from_ns BIGINT NOT NULL,
+    to_ns BIGINT NOT NULL,
+    done_ns BIGINT,
+    complete BOOLEAN,
+    covered_from_ns BIGINT,
+    events UINTEGER,
+    error VARCHAR
+);
 -- Columns added after the first release: a file made by an older collector gains them
 -- when it is opened, instead of failing every read that names them.
 ALTER TABLE batches ADD COLUMN IF NOT EXISTS final BOOLEAN DEFAULT false;
@@ -85,6 +100,7 @@ ALTER TABLE batches ADD COLUMN IF NOT EXISTS error VARCHAR;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS request BLOB;
 ALTER TABLE drops ADD COLUMN IF NOT EXISTS lost_spool UBIGINT DEFAULT 0;
 ALTER TABLE drops ADD COLUMN IF NOT EXISTS shed UBIGINT DEFAULT 0;
+ALTER TABLE drops ADD COLUMN IF NOT EXISTS recorded UBIGINT DEFAULT 0;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS namespace VARCHAR;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS pod VARCHAR;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS container VARCHAR;
@@ -121,7 +137,7 @@ EVENT_SCHEMA = pa.schema(
 
 COUNTERS = (
     "produced", "received", "lost_ringbuf", "lost_mapfull", "filtered", "lost_agent", "lost_spool",
-    "shed",
+    "shed", "recorded",
 )  # fmt: skip
 LOSSES = ("lost_ringbuf", "lost_mapfull", "lost_agent", "lost_spool")
 
@@ -141,6 +157,21 @@ WHEN MATCHED THEN UPDATE SET {", ".join(f"{c} = greatest(drops.{c}, n.{c})" for 
 WHEN NOT MATCHED THEN INSERT BY NAME
 """
 
+INSERT_NEW_EVENTS = """
+INSERT INTO events BY NAME SELECT * FROM new_events n
+WHERE n.grp = 'summary' OR NOT EXISTS (
+  SELECT 1 FROM events e
+  WHERE e.session_id = n.session_id AND e.node = n.node AND e.mono_ns = n.mono_ns
+    AND e.tid = n.tid AND e.kind = n.kind AND e.grp <> 'summary'
+)
+"""
+
+# Fields of a flight recorder's request summary (agent/tracer.py SUMMARY_FIELDS).
+SUMMARY_FIELDS = (
+    "network", "storage", "block_io", "runqueue", "lock", "page_fault", "offcpu", "offcpu_main",
+    "waits_others",
+)  # fmt: skip
+
 QUERY_COLUMNS = (
     "node, agent_id, session_id, ts_ns, dur_ns, kind, pid, tid, comm, fd, target, ret, "
     "query_id, request_key, inferred, grp, cgroup_id, mono_ns, detail, namespace, pod, container"
@@ -151,7 +182,7 @@ QUERY_COLUMNS = (
 # 5M events, growing with the file). The materialized CTE keeps the lookup on its own.
 QUERY_EVENTS = f"""
 WITH q AS MATERIALIZED (SELECT {QUERY_COLUMNS} FROM events WHERE query_id = $query_id)
-SELECT * FROM q ORDER BY ts_ns, mono_ns LIMIT $limit
+SELECT * FROM q WHERE grp <> 'summary' ORDER BY ts_ns, mono_ns LIMIT $limit
 """
 
 
@@ -183,7 +214,9 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def ingest(self, batch: events_pb2.EventBatch, received_ns: int) -> tuple[int, bool]:
+    def ingest(
+        self, batch: events_pb2.EventBatch, received_ns: int, dedupe: bool = False
+    ) -> tuple[int, bool]:
         """Stores the batch, its events and its drop counters in one transaction.
 
         Returns (events stored, duplicate). A batch whose (agent_id, seq) is already in
@@ -194,14 +227,14 @@ class Store:
             try:
                 duplicate = self._is_stored(batch.agent_id, batch.seq)
                 if not duplicate:
-                    self._insert_batch_row(batch, received_ns)
-                    self._insert_events(batch)
+                    stored = self._insert_events(batch, dedupe)
+                    self._insert_batch_row(batch, received_ns, stored)
                     self._merge_drops(batch)
                 self._con.commit()
             except BaseException:
                 self._con.rollback()
                 raise
-        return (0, True) if duplicate else (len(batch.events), False)
+        return (0, True) if duplicate else (stored, False)
 
     def _is_stored(self, agent_id: str, seq: int) -> bool:
         # No key constraint backs this: a primary key would be a second index. The check is
@@ -212,7 +245,9 @@ class Store:
         ).fetchone()
         return row is not None
 
-    def _insert_batch_row(self, batch: events_pb2.EventBatch, received_ns: int) -> None:
+    def _insert_batch_row(
+        self, batch: events_pb2.EventBatch, received_ns: int, stored: int
+    ) -> None:
         self._con.execute(
             "INSERT INTO batches (agent_id, node, session_id, seq, n_events, received_ns,"
             " clock_offset_ns, clock_uncertainty_ns, final, error)"
@@ -222,7 +257,7 @@ class Store:
                 batch.node,
                 batch.session_id,
                 batch.seq,
-                len(batch.events),
+                stored,
                 received_ns,
                 batch.clock_offset_ns,
                 batch.clock_uncertainty_ns,
@@ -231,22 +266,27 @@ class Store:
             ],
         )
 
-    def _insert_events(self, batch: events_pb2.EventBatch) -> None:
-        self._run_on(
-            "new_events", events_table(batch), "INSERT INTO events BY NAME SELECT * FROM new_events"
-        )
+    def _insert_events(self, batch: events_pb2.EventBatch, dedupe: bool = False) -> int:
+        """Returns how many were stored: all of them, but with ``dedupe`` those stored
+        before. Flight recorder: two fetches whose windows overlap both carry the events
+        of the overlap; an event is one (node, thread, kind, kernel start), kept once."""
+        if not batch.events:
+            return 0
+        sql = INSERT_NEW_EVENTS if dedupe else "INSERT INTO events BY NAME SELECT * FROM new_events"
+        return self._run_on("new_events", events_table(batch), sql)
 
     def _merge_drops(self, batch: events_pb2.EventBatch) -> None:
         if batch.drops:
             self._run_on("new_drops", drops_table(batch), MERGE_DROPS)
 
-    def _run_on(self, name: str, data: pa.Table, sql: str) -> None:
-        """Runs sql with the Arrow table visible under name."""
+    def _run_on(self, name: str, data: pa.Table, sql: str) -> int:
+        """Runs sql with the Arrow table visible under name; returns the rows it changed."""
         self._con.register(name, data)
         try:
-            self._con.execute(sql)
+            row = self._con.execute(sql).fetchone()
         finally:
             self._con.unregister(name)
+        return int(row[0]) if row else 0
 
     def query_events(self, query_id: str, limit: int) -> tuple[list[services_pb2.NodeEvent], bool]:
         """The query's events on every node in time order, at most `limit` of them, and
@@ -305,7 +345,7 @@ class Store:
         sql = f"""
             WITH ev AS (
               SELECT query_id, node, pid, tid, comm, ts_ns, dur_ns, kind, grp, target
-              FROM events WHERE {where}
+              FROM events WHERE {where} AND grp <> 'summary'
             ),
             first AS (
               -- the request read: the hop's first network event (a CPU wait or a pipe read
@@ -369,9 +409,19 @@ class Store:
             ) e ON e.query_id = s.query_id AND e.node = s.node
               AND e.pid = s.pid AND e.ts_ns >= s.start_ns AND e.ts_ns < s.end_ns
             LEFT JOIN early x ON x.query_id = s.query_id AND x.node = s.node AND x.pid = s.pid
-            GROUP BY ALL ORDER BY s.end_ns DESC LIMIT {int(limit)}"""
+            GROUP BY ALL
+            UNION ALL
+            -- flight recorder: a hop whose detail was not fetched is its kernel summary
+            SELECT query_id, node, pid, tid, comm, ts_ns, ts_ns + dur_ns,
+              {summary_cols("network, storage, block_io")},
+              CAST(detail->>'events' AS BIGINT), target,
+              {summary_cols("runqueue, lock, page_fault, offcpu, offcpu_main, waits_others")}
+            FROM events sm WHERE {where} AND grp = 'summary' AND NOT EXISTS (
+              SELECT 1 FROM ev d WHERE d.query_id = sm.query_id AND d.node = sm.node
+                AND d.pid = sm.pid)
+            ORDER BY 7 DESC LIMIT {int(limit)}"""
         with self._lock:
-            rows = self._con.execute(sql, params).fetchall()
+            rows = self._con.execute(sql, params + params).fetchall()
         keys = ("query_id", "node", "pid", "tid", "comm", "start_ns", "end_ns", "network",
                 "storage", "block_io", "events", "conn", "runqueue", "lock", "page_fault",
                 "offcpu", "offcpu_main", "waits_others")  # fmt: skip
@@ -560,6 +610,55 @@ class Store:
             )
         return stats
 
+    # -- flight recorder: request summaries and fetches ------------------------------------
+
+    def summaries(self, query_id: str) -> list[tuple[str, str, str, int, int]]:
+        """(session_id, node, agent_id, start_ns, end_ns) of the query's request summaries,
+        on the collector's clock."""
+        with self._lock:
+            rows = self._con.execute(
+                "WITH q AS MATERIALIZED (SELECT session_id, node, agent_id, ts_ns, dur_ns, grp"
+                " FROM events WHERE query_id = ?)"
+                " SELECT session_id, node, agent_id, ts_ns, ts_ns + dur_ns FROM q"
+                " WHERE grp = 'summary' ORDER BY ts_ns",
+                [query_id],
+            ).fetchall()
+        return [(str(a), str(b), str(c), int(d), int(e)) for a, b, c, d, e in rows]
+
+    def add_fetch(self, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        with self._lock:
+            self._con.execute(
+                f"INSERT INTO fetches ({cols}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+
+    def finish_fetch(self, result: events_pb2.FetchResult, done_ns: int, offset_ns: int) -> None:
+        with self._lock:
+            self._con.execute(
+                "UPDATE fetches SET done_ns = ?, complete = ?, covered_from_ns = ?, events = ?,"
+                " error = ? WHERE fetch_id = ?",
+                [
+                    done_ns,
+                    result.complete and not result.error,
+                    result.covered_from_ns + offset_ns if result.covered_from_ns else None,
+                    result.events,
+                    result.error or None,
+                    result.fetch_id,
+                ],
+            )
+
+    def fetches(self, query_id: str) -> list[dict[str, Any]]:
+        """Every fetch made for the query, oldest first."""
+        keys = ("fetch_id", "session_id", "node", "agent_id", "requested_ns", "from_ns", "to_ns",
+                "done_ns", "complete", "covered_from_ns", "events", "error")  # fmt: skip
+        with self._lock:
+            rows = self._con.execute(
+                f"SELECT {', '.join(keys)} FROM fetches WHERE query_id = ? ORDER BY requested_ns",
+                [query_id],
+            ).fetchall()
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
     def events_stored(self) -> int:
         return self.count_events()
 
@@ -569,6 +668,10 @@ class Store:
             row = self._con.execute(f"SELECT count(*) FROM events {where}", params).fetchone()
         assert row is not None
         return int(row[0])
+
+
+def summary_cols(names: str) -> str:
+    return ", ".join(f"CAST(detail->>'{n.strip()}' AS BIGINT)" for n in names.split(","))
 
 
 def events_table(batch: events_pb2.EventBatch) -> pa.Table:

@@ -94,6 +94,8 @@ def session_to_json(s: sessions_pb2.Session) -> dict[str, Any]:
         },
         "probes": list(s.probes),
         "max_event_rate": s.max_event_rate or None,
+        "detail": "recorder" if s.detail == sessions_pb2.DETAIL_MODE_RECORDER else "full",
+        "history_bytes": s.history_bytes or None,
         "extractor": {"regex": ex.regex}
         if ex.WhichOneof("how") == "regex"
         else {"header": ex.header or "X-Query-Id"},
@@ -128,7 +130,30 @@ def stats_to_json(a: services_pb2.SessionAgentStats) -> dict[str, Any]:
         "complete": a.complete,
         "error": a.error or None,
         "drops": drops_to_json(a.drops),
+        "history": history_to_json(a),
     }
+
+
+def history_to_json(a: services_pb2.SessionAgentStats) -> dict[str, Any] | None:
+    """Flight recorder sessions: the node's recent history and how far back it reaches."""
+    if not a.HasField("history"):
+        return None
+    h = a.history
+    covered_s = max(0.0, (time.time_ns() - h.covered_from_ns) / 1e9) if h.covered_from_ns else 0.0
+    return {
+        "bytes": h.bytes,
+        "covered_from_ns": h.covered_from_ns,
+        "covers_s": round(covered_s, 3),
+        "events_per_s": h.events_per_s,
+    }
+
+
+def history_text(history: dict[str, Any] | None) -> str:
+    if history is None:
+        return "-"
+    return (
+        f"{history['covers_s']:.1f} s ({history['bytes'] >> 20} MiB, {history['events_per_s']}/s)"
+    )
 
 
 def drops_to_json(drops: Any) -> dict[str, dict[str, int]]:
@@ -142,6 +167,7 @@ def drops_to_json(drops: Any) -> dict[str, dict[str, int]]:
             "lost_spool": d.lost_spool,
             "filtered": d.filtered,
             "shed": d.shed,
+            "recorded": d.recorded,
         }
         for d in drops
     }

@@ -47,7 +47,7 @@ def test_struct_layouts_match_header(tmp_path: Path) -> None:
             offset += struct.calcsize("<" + fmt)
         assert layout[name]["sizeof"] == offset, f"sizeof {name}"
     assert abi.EVENT.size == layout["qt_event"]["sizeof"]
-    assert abi.HSLOT_SIZE == layout["qt_hslot"]["sizeof"]
+    assert layout["qt_hslot"]["sizeof"] == abi.HSLOT_SIZE
     assert abi.REQSUM.size == layout["qt_reqsum"]["sizeof"]
 
 

@@ -243,10 +243,11 @@ class FailingStore(Store):
 
     fail = True
 
-    def _insert_events(self, b: events_pb2.EventBatch) -> None:
-        super()._insert_events(b)
+    def _insert_events(self, b: events_pb2.EventBatch, dedupe: bool = False) -> int:
+        n = super()._insert_events(b, dedupe)
         if self.fail:
             raise RuntimeError("disk on fire")
+        return n
 
 
 def test_failed_ingest_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from qtrace.output import (
     printable,
     shown,
 )
-from qtrace.wire import node_event_to_json, stats_to_json
+from qtrace.wire import history_text, node_event_to_json, stats_to_json
 
 app = typer.Typer(help="Read what the collector knows about queries.", no_args_is_help=True)
 
@@ -108,13 +108,13 @@ def status(collector: CollectorOpt = DEFAULT_ADDR, fmt: FormatOpt = DEFAULT_FORM
         )
     out.print(t)
     s = Table(title="sessions", title_justify="left")
-    for col in ("session", "node", "events stored", "dropped", "shed"):
+    for col in ("session", "node", "events stored", "dropped", "shed", "history covers"):
         s.add_column(col, justify="left" if col in ("session", "node") else "right")
     for r in sessions:
         style = "red" if r["dropped"] else "yellow" if r["shed"] else None
         s.add_row(
             shown(r["session_id"]), shown(r["node"]), str(r["events_stored"]), str(r["dropped"]),
-            str(r["shed"]), style=style,
+            str(r["shed"]), history_text(r["history"]), style=style,
         )  # fmt: skip
     out.print(s)
     out.print(f"{resp.events_stored} events stored")

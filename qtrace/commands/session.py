@@ -8,8 +8,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from agent.recorder import Detail
 from qtrace.api.v1 import services_pb2, sessions_pb2
 from qtrace.client import control
+from qtrace.commands.agent import parse_size
 from qtrace.errors import QtraceError
 from qtrace.output import (
     DEFAULT_ADDR,
@@ -26,7 +28,7 @@ from qtrace.output import (
     shown,
 )
 from qtrace.redact import redaction_pb
-from qtrace.wire import session_to_json, stats_to_json
+from qtrace.wire import history_text, session_to_json, stats_to_json
 
 app = typer.Typer(help="Trace sessions: what to trace, for how long.", no_args_is_help=True)
 
@@ -93,6 +95,21 @@ def start(
             min=0,
         ),
     ] = 0,
+    capture: Annotated[
+        Detail,
+        typer.Option(
+            help="full: every event leaves the kernel (short investigations); recorder: "
+            "per-request summaries, the detail of a query fetched from a recent history "
+            "in the kernel when it turns out to matter (long sessions, near-zero cost).",
+        ),
+    ] = Detail.full,
+    history_size: Annotated[
+        str,
+        typer.Option(
+            help="Recorder: the recent history per node, 1M to 4G; `status` shows "
+            "how far back it reaches."
+        ),
+    ] = "64M",
     collector: CollectorOpt = DEFAULT_ADDR,
     fmt: FormatOpt = DEFAULT_FORMAT,
 ) -> None:
@@ -132,6 +149,12 @@ def start(
                 redact=redaction,
             ),
             max_event_rate=max_event_rate,
+            detail=sessions_pb2.DETAIL_MODE_RECORDER
+            if capture is Detail.recorder
+            else sessions_pb2.DETAIL_MODE_FULL,
+            history_bytes=parse_size(history_size, "--history-size")
+            if capture is Detail.recorder
+            else 0,
         )
         with control(collector) as call:
             s = call("StartSession", req)
@@ -205,7 +228,8 @@ def status(
         return
     out.print(_sessions_table([obj]))
     t = Table(title="per agent", title_justify="left")
-    for col in ("node", "agent", "events stored", "batches", "dropped", "shed", "state"):
+    for col in ("node", "agent", "events stored", "batches", "dropped", "shed", "history covers",
+                "state"):  # fmt: skip
         t.add_column(col, justify="right" if col not in ("node", "agent", "state") else "left")
     for a in obj["agents"]:
         style = "red" if a["dropped"] or a["error"] else "yellow" if a["shed"] else None
@@ -220,7 +244,8 @@ def status(
         )
         t.add_row(
             shown(a["node"]), shown(a["agent_id"]), str(a["events_stored"]), str(a["batches"]),
-            str(a["dropped"]), str(a["shed"]), shown(state), style=style,
+            str(a["dropped"]), str(a["shed"]), history_text(a["history"]), shown(state),
+            style=style,
         )  # fmt: skip
     out.print(t)
     # Why a node traces nothing is worth reading whole: the table cuts long cells.
