@@ -49,6 +49,7 @@ bench: setup-bench
 	$(PY) bench/replay_throughput.py
 	$(PY) bench/explain_accuracy.py
 	$(PY) bench/nginx_overhead.py
+	$(PY) bench/pipeline_rate.py
 
 # The worst case: a static file from nginx over loopback, untraced vs traced.
 bench-nginx: setup-bench
