@@ -49,8 +49,8 @@ F_REQ_START, F_INFERRED, F_NO_ENTER, F_REQ_CONT = (
 )
 
 _PAYLOADS = _strip("QT_P_", _ENUMS["qt_payload"])
-P_NONE, P_REQUEST, P_PATH, P_PATH2, P_SOCKADDR, P_TUPLE = (
-    _PAYLOADS[n] for n in ("none", "request", "path", "path2", "sockaddr", "tuple")
+P_NONE, P_REQUEST, P_PATH, P_PATH2, P_SOCKADDR, P_TUPLE, P_PATH_HASH = (
+    _PAYLOADS[n] for n in ("none", "request", "path", "path2", "sockaddr", "tuple", "path_hash")
 )
 
 COUNTERS: dict[str, int] = {
@@ -61,6 +61,10 @@ COUNTER_MAX = _ENUMS["qt_counter"]["QT_C_MAX"]
 _hp = re.search(r"#define\s+QT_HIST_PAYLOAD\s+(\d+)", HEADER.read_text())
 assert _hp is not None, "QT_HIST_PAYLOAD missing from qtrace.h"
 HIST_PAYLOAD = int(_hp.group(1))
+
+_qm = re.search(r"#define\s+QT_QID_MAX\s+(\d+)", HEADER.read_text())
+assert _qm is not None, "QT_QID_MAX missing from qtrace.h"
+QID_MAX = int(_qm.group(1))
 
 #: request summary categories (flight recorder), name -> index in qt_reqsum.ns
 SUMCATS: dict[str, int] = {
@@ -130,6 +134,7 @@ REQSUM_FIELDS = (
     ("fd", "i"),
     ("events", "I"),
     ("events_at_end", "I"),
-    ("_pad", "I"),
+    ("qid_len", "I"),
+    ("qid", f"{QID_MAX}s"),
 )
 REQSUM = struct.Struct("<" + "".join(f for _, f in REQSUM_FIELDS))

@@ -42,6 +42,17 @@ _LOCKS = (_K["flock"], _K["fcntl"])
 _PROC_PID = re.compile(r"^/proc/(\d+)(/|$)")
 
 
+MAX_PATHS = 200_000
+
+
+def path_hash(path: str) -> int:
+    """FNV-1a of a whole path, as bpf/qtrace.bpf.c computes it (path_hash)."""
+    h = 2166136261
+    for c in path.encode():
+        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
+    return h
+
+
 def _cstr(b: bytes) -> str:
     return b.split(b"\0", 1)[0].decode("utf-8", "replace")
 
@@ -128,6 +139,11 @@ class Decoder:
         # Flight recorder: each request's first read (its thread, name and connection),
         # for the summary the kernel hands over once the request is done.
         self.starts: dict[int, Event] | None = None
+        # Flight recorder: absolute paths sent once per process, later opens of them
+        # carrying only their hash; and whether events are being read back from the
+        # recent history (a request's id is then known from its summary already).
+        self.paths: dict[tuple[int, int], str] = {}
+        self.replaying = False
 
     def decode(self, rec: bytes) -> Event | None:
         (
@@ -157,7 +173,9 @@ class Decoder:
         detail: dict[str, Any] | None = None
 
         request: bytes | None = None
-        if flags & abi.F_REQ_START:
+        if flags & abi.F_REQ_START and self.replaying:
+            pass  # its id came with its summary; the bytes kept are cut short
+        elif flags & abi.F_REQ_START:
             self.requests.set(req_key, self.extractor.extract(payload))
             if self.capture_requests:
                 request = self._capture(req_key, payload, start=True)
@@ -207,7 +225,16 @@ class Decoder:
             target = f"dev {major}:{minor}"
             detail = {"sector": arg0, "sectors": arg1 & 0xFFFFFFFF}
         elif kind == _K["openat"]:
-            path = _cstr(payload)
+            if pkind == abi.P_PATH_HASH:
+                h = int.from_bytes(payload[:4], "little")
+                path = self.paths.get((tgid, h), f"?path#{h:08x}")
+            else:
+                path = _cstr(payload)
+                if path.startswith("/") and self.starts is not None:
+                    self.paths[(tgid, path_hash(path))] = path
+                    if len(self.paths) > MAX_PATHS:  # the kernel sends evicted ones again
+                        for old in list(self.paths)[: MAX_PATHS // 10]:
+                            del self.paths[old]
             dirfd = ((int(arg0) & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000  # an int: AT_FDCWD < 0
             target = res.opened(tgid, fd, path, dirfd, ts_exit) if ret >= 0 else path
         elif kind in _NEW_CONN:
@@ -286,7 +313,7 @@ class Decoder:
             detail=detail,
             request=request,
         )
-        if self.starts is not None and flags & abi.F_REQ_START:
+        if self.starts is not None and flags & abi.F_REQ_START and not self.replaying:
             self.starts[req_key] = event
         return event
 

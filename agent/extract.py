@@ -16,10 +16,14 @@ class QueryIdExtractor:
     A header name becomes a case-insensitive header-line regex, so HTTP and any text
     protocol (``/* qid=42 */`` in SQL, say) go through the same path."""
 
-    def __init__(self, pattern: bytes, description: str, trim: bool = False) -> None:
+    def __init__(
+        self, pattern: bytes, description: str, trim: bool = False, header: str | None = None
+    ) -> None:
         self._re = re.compile(pattern)
         self.description = description
         self._trim = trim
+        # A header extractor's name: the flight recorder finds such ids in the kernel.
+        self.header_name = header
 
     @classmethod
     def header(cls, name: str = DEFAULT_HEADER) -> QueryIdExtractor:
@@ -29,7 +33,7 @@ class QueryIdExtractor:
         # followed by optional blanks makes the regex quadratic in a line of blanks, which
         # any client could send.
         pat = rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:[ \t]*([^\r\n]*)"
-        return cls(pat, f"header {name}", trim=True)
+        return cls(pat, f"header {name}", trim=True, header=name)
 
     @classmethod
     def regex(cls, pattern: str) -> QueryIdExtractor:

@@ -139,6 +139,11 @@ class FdResolver:
             return None
         return entry
 
+    def known(self, pid: int, fd: int) -> str | None:
+        """What the fd is known to be now, without asking /proc."""
+        entry = self._fds.get((pid, fd))
+        return entry.target if entry else None
+
     def trim(self, before_ns: int) -> None:
         """Forget creations that no history read can ask about any more (but the latest
         of each fd, which may still be what it is)."""
@@ -188,7 +193,14 @@ class FdResolver:
                 base = parent.target if parent else None
             if base:
                 path = os.path.normpath(os.path.join(base, path))
-        self._fds[(pid, fd)] = entry = FdEntry(abi.FD_FILE, path, created_ns=at_ns)
+        entry = FdEntry(abi.FD_FILE, path, created_ns=at_ns)
+        if self.as_of is not None:
+            # Read back from the recent history: it was so then, whatever it is now.
+            past = self._past.setdefault((pid, fd), [])
+            if not any(e.created_ns == at_ns for e in past):
+                bisect.insort(past, entry, key=lambda e: e.created_ns)
+            return path
+        self._fds[(pid, fd)] = entry
         self._remember((pid, fd), entry)
         return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ class ProbeConfig:
     # Flight recorder: events stay in a per-CPU history of this many slots per CPU and
     # requests are summed in the kernel; 0: full capture (every event leaves the kernel).
     history_slots: int = 0
+    # Recorder: the query-id header, found by the kernel itself (lower case); "" when the
+    # session extracts ids by regex, which only user space can run.
+    qid_header: str = ""
 
     def kinds(self) -> frozenset[str]:
         return frozenset().union(*(PROBE_GROUPS[g] for g in self.groups))
@@ -85,6 +89,9 @@ class ProbeConfig:
             out += MMAP_LOCK
         return out + list(LIFECYCLE)
 
+    def _qid_flags(self) -> list[str]:
+        return _qid_flags_for(self)
+
     def cflags(self) -> list[str]:
         return [
             f"-I{abi.BPF_DIR}",
@@ -96,8 +103,18 @@ class ProbeConfig:
             f"-DQT_RECORDER={int(self.history_slots > 0)}",
             f"-DQT_HIST_SLOTS={max(self.history_slots, 1)}",
             f"-DQT_HIST_CPUS={possible_cpus()}",
+            *self._qid_flags(),
             "-Wno-macro-redefined",
         ]
+
+
+def _qid_flags_for(config: ProbeConfig) -> list[str]:
+    name = config.qid_header.lower()
+    # Letters, digits and '-' only: the kernel folds case by setting bit 0x20, which all
+    # of these have once lower case.
+    if not config.history_slots or not re.fullmatch(r"[a-z0-9-]{1,16}", name):
+        return []
+    return ["-DQT_QID_KERNEL=1"]
 
 
 def possible_cpus() -> int:
@@ -108,9 +125,8 @@ def possible_cpus() -> int:
 
 
 def history_slots(history_bytes: int) -> int:
-    """Slots per CPU for a history of about ``history_bytes`` in all: a power of two."""
-    per_cpu = max(1, history_bytes // (abi.HSLOT_SIZE * possible_cpus()))
-    return 1 << max(4, per_cpu.bit_length() - 1)
+    """Slots per CPU for a history of about ``history_bytes`` in all."""
+    return max(16, history_bytes // (abi.HSLOT_SIZE * possible_cpus()))
 
 
 def name_hash(path: str) -> int:
@@ -131,6 +147,20 @@ class Probes:
         self.config = config or ProbeConfig()
         self._bpf = BPF(src_file=str(abi.PROGRAM).encode(), cflags=self.config.cflags())
         self._attached: list[str] = []
+        if self.config._qid_flags():  # before any program runs
+            table = self._bpf[b"qid_name"]
+            leaf = table.Leaf()
+            name = self.config.qid_header.lower().encode().ljust(16, b"\0")
+            mask = bytes(0xFF if c else 0 for c in name)
+            for i in range(2):
+                leaf.w[i] = int.from_bytes(name[8 * i : 8 * i + 8], "little")
+                leaf.mask[i] = int.from_bytes(mask[8 * i : 8 * i + 8], "little")
+            leaf.len = len(self.config.qid_header)
+            table[ctypes.c_int(0)] = leaf
+            from bcc import BPF as _BPF
+
+            tail = self._bpf.load_func(b"qt_request", _BPF.TRACEPOINT)
+            self._bpf[b"request_prog"][ctypes.c_int(0)] = ctypes.c_int(tail.fd)
         try:
             for fn, tp in self.config.attachments():
                 self._bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())

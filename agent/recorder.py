@@ -57,6 +57,7 @@ class Summary:
     end_ns: int  # the end of its last response write; its start when it never answered
     events: int
     ns: dict[str, int]
+    qid: bytes | None  # the query id the kernel found; None: user space has it
 
 
 class Intervals:
@@ -170,7 +171,7 @@ def harvest(table: Any, idle_ns: int, now_ns: int | None = None) -> list[Summary
             continue
         n = abi.SUMCAT_MAX
         at_end = f[3 + n : 3 + 2 * n]
-        tgid, tid, fd, events, events_at_end = f[3 + 2 * n : 8 + 2 * n]
+        tgid, tid, fd, events, events_at_end, qid_len, qid = f[3 + 2 * n : 10 + 2 * n]
         ns = f[3 : 3 + n] if not end else at_end
         keys.append(key)
         done.append(
@@ -183,6 +184,7 @@ def harvest(table: Any, idle_ns: int, now_ns: int | None = None) -> list[Summary
                 end_ns=end or last,
                 events=events_at_end if end else events,
                 ns={name: int(ns[i]) for name, i in cats.items()},
+                qid=qid[:qid_len] if qid_len else None,
             )
         )
     for k in keys:

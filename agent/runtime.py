@@ -371,7 +371,8 @@ class AgentRuntime:
                     self._report_pods()
                 self.heartbeat = now
                 self.shipper.flush()
-                self.stop_event.wait(self.drain_interval)
+                recording = self.running and all(r.tracer.recorder for r in self.running.values())
+                self.stop_event.wait(self.drain_interval * (10 if recording else 1))
         finally:
             for sid in list(self.running):
                 self._end(sid)

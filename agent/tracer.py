@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent import abi, preflight
@@ -20,6 +20,7 @@ from agent.recorder import History, Intervals, Summary
 from agent.sink import EventSink
 from agent.targets import TargetResolver, TargetSpec, proc_comm
 from qtrace.errors import QtraceError
+from qtrace.queryid import query_id_from_bytes
 
 # Flight recorder: a request with no event for this long is over; its summary is read.
 SUMMARY_IDLE_NS = 1_000_000_000
@@ -72,6 +73,8 @@ class Tracer:
         self.sink = sink
         self.extractor = extractor or QueryIdExtractor.header()
         self.probe_config = probe_config or ProbeConfig()
+        if self.probe_config.history_slots and self.extractor.header_name:
+            self.probe_config = replace(self.probe_config, qid_header=self.extractor.header_name)
         self.drain_interval = drain_interval
         self.rescan_interval = rescan_interval
         self.stop_event = threading.Event()
@@ -95,6 +98,7 @@ class Tracer:
         self.fetched_out = 0
         self.fetched_kinds: Counter[str] = Counter()
         self._sent = Intervals()
+        self._comms: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -286,6 +290,13 @@ class Tracer:
     def _summary_event(self, s: Summary) -> Event:
         starts = self._decoder.starts
         start = starts.pop(s.req_key, None) if starts is not None else None
+        requests = self._decoder.requests
+        if s.qid is not None:
+            # Found by the kernel: the request's bytes never came here. Known from now
+            # on, for its events read back from the history.
+            requests.set(s.req_key, query_id_from_bytes(s.qid))
+        comm = start.comm if start else self._comm(s.tgid)
+        target = start.target if start else self._fds.known(s.tgid, s.fd)
         detail: dict[str, Any] = {SUMMARY_FIELDS[k]: v for k, v in s.ns.items()}
         detail["events"] = s.events
         return Event(
@@ -294,9 +305,9 @@ class Tracer:
             kind="request",
             pid=s.tgid,
             tid=s.tid,
-            comm=start.comm if start else proc_comm(s.tgid) or "",
+            comm=comm,
             fd=s.fd,
-            target=start.target if start else None,
+            target=target,
             ret=0,
             query_id=self._decoder.requests.get(s.req_key),
             request_key=s.req_key,
@@ -306,6 +317,12 @@ class Tracer:
             mono_ns=s.start_ns,
             detail=detail,
         )
+
+    def _comm(self, tgid: int) -> str:
+        comm = self._comms.get(tgid)
+        if comm is None:
+            comm = self._comms[tgid] = proc_comm(tgid) or ""
+        return comm
 
     def history_status(self) -> tuple[int, int, int] | None:
         """(bytes, covered_from wall ns, slots written so far), recorder sessions only."""
@@ -334,6 +351,7 @@ class Tracer:
             events: list[Event] = []
             # Counted apart: `received` is what normal operation costs per event.
             live, self._decoder.received = self._decoder.received, self.fetched_kinds
+            self._decoder.replaying = True
             try:
                 for rec in window.records:
                     res.as_of = abi.EVENT.unpack_from(rec)[0]
@@ -343,7 +361,22 @@ class Tracer:
             finally:
                 res.as_of = None
                 self._decoder.received = live
-            events += [e for e in self._recent if e.mono_ns <= hi and e.mono_ns + e.dur_ns >= lo]
+                self._decoder.replaying = False
+            sent = self._sent
+            events += [
+                e
+                for e in self._recent
+                if e.mono_ns <= hi
+                and e.mono_ns + e.dur_ns >= lo
+                and not sent.holds(e.mono_ns, e.mono_ns + e.dur_ns)
+            ]
+            requests = self._decoder.requests
+            for e in events:
+                # Decoded live before the kernel's summary told us the request's id.
+                if e.query_id is None and e.request_key:
+                    e.query_id = requests.get(e.request_key)
+            if window.complete:
+                sent.add(lo, hi)
             events.sort(key=lambda e: e.mono_ns)
             self.fetched_out += len(events)
             return Fetched(events, window.complete, clock.to_wall(window.covered_from_ns))
@@ -358,7 +391,9 @@ class Tracer:
             if now - self._last_scan >= self.rescan_interval:
                 self.rescan()
                 self._decoder.clock.maybe_refresh()
-            timeout = self.drain_interval
+            # A recorder's ring buffer carries about one event per request: draining it
+            # ten times less often costs nothing and saves the wakeups.
+            timeout = self.drain_interval * (10 if self.recorder else 1)
             if deadline is not None:
                 timeout = max(0.0, min(timeout, deadline - time.monotonic()))
             self.stop_event.wait(timeout)

@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from agent.abi import HSLOT_SIZE
 from qtrace.demo import start
 from searchsvc.client import drive
 from searchsvc.cluster import Cluster
@@ -48,7 +49,9 @@ while True:
 
 
 def q(*args: str) -> Any:
-    r = subprocess.run([QTRACE, *args, "--format", "json"], capture_output=True, text=True)
+    r = subprocess.run(
+        [QTRACE, *args, "--format", "json"], capture_output=True, text=True, check=False
+    )
     if r.returncode:
         raise SystemExit(f"qtrace {' '.join(args)} failed: {r.stderr}")
     return json.loads(r.stdout)
@@ -88,7 +91,8 @@ def main() -> None:
                 targets = [x for p in [*svc.pids.values(), load.pid] for x in ("--pid", str(p))]
                 sid = q("session", "start", *targets, "--duration", "30m", "--probes", "all",
                         "--capture", "recorder", "--history-size", a.history_size,
-                        "--max-event-rate", "5000000", "--collector", addr)["session_id"]  # fmt: skip
+                        "--max-event-rate", "5000000",
+                        "--collector", addr)["session_id"]  # fmt: skip
                 while not q("session", "status", sid, "--collector", addr)["agents"]:
                     time.sleep(0.1)  # the agent announces itself once attached
                 background = threading.Thread(
@@ -99,9 +103,9 @@ def main() -> None:
                 time.sleep(3.0)  # let the rate settle before measuring it
                 status = q("session", "status", sid, "--collector", addr)["agents"][0]
                 hist = status["history"] or {}
-                print(f"history {hist.get('bytes', 0) >> 20} MiB, filling at "
-                      f"{hist.get('events_per_s', 0)} events/s; it covers the last "
-                      f"{hist.get('bytes', 0) / 128 / max(1, hist.get('events_per_s', 1)):.1f} s")  # fmt: skip
+                size, rate = hist.get("bytes", 0), max(1, hist.get("events_per_s", 1))
+                print(f"history {size >> 20} MiB, filling at {rate} events/s; it covers "
+                      f"the last {size / HSLOT_SIZE / rate:.1f} s")  # fmt: skip
                 rows = []
                 for delay in delays:
                     qids = [f"late{int(delay)}-{i:04d}" for i in range(a.queries)]

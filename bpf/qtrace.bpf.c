@@ -38,10 +38,18 @@
 #define QT_RECORDER 0
 #endif
 #ifndef QT_HIST_SLOTS
-#define QT_HIST_SLOTS 4096 /* per CPU, a power of two */
+#define QT_HIST_SLOTS 4096 /* per CPU */
 #endif
 #ifndef QT_HIST_CPUS
 #define QT_HIST_CPUS 1
+#endif
+/* Recorder with a header extractor: the query id is found in the kernel (lower-case
+ * header name), so a request's first read need not leave it. */
+#ifndef QT_QID_KERNEL
+#define QT_QID_KERNEL 0
+#endif
+#ifndef QT_QID_NAME_LEN
+#define QT_QID_NAME_LEN 10
 #endif
 
 #define QT_EINPROGRESS 115
@@ -268,7 +276,7 @@ static __always_inline void hist_put(struct qt_event *e)
 		count(e->kind, QT_C_LOST_MAPFULL);
 		return;
 	}
-	u32 k = cpu * QT_HIST_SLOTS + (u32)(*h & (QT_HIST_SLOTS - 1));
+	u32 k = cpu * QT_HIST_SLOTS + (u32)(*h % QT_HIST_SLOTS);
 	struct qt_hslot *slot = history.lookup(&k);
 	if (!slot)
 		return;
@@ -333,18 +341,11 @@ static __always_inline void summarize(struct qt_event *e)
 	u64 key = e->req_key;
 	if (!key)
 		return;
+	/* Made by start_request: a request seen from its start, with an id if ids are
+	 * found here. */
 	struct qt_reqsum *s = reqsums.lookup(&key);
-	if (!s) {
-		struct qt_reqsum z = {};
-		z.start = e->ts_enter;
-		z.tgid = e->tgid;
-		z.tid = e->tid;
-		z.fd = -1;
-		reqsums.update(&key, &z);
-		s = reqsums.lookup(&key);
-		if (!s)
-			return;
-	}
+	if (!s)
+		return;
 	if (e->flags & QT_F_REQ_START) {
 		s->start = e->ts_exit;
 		s->last = e->ts_exit;
@@ -375,19 +376,182 @@ static __always_inline void summarize(struct qt_event *e)
 		s->events_at_end = s->events;
 	}
 }
+
+BPF_PERCPU_ARRAY(sumbuf, struct qt_reqsum, 1);
+
+/* The value of the query-id header in a request's first bytes: its length, 0 when the
+ * header is not there, -1 when the kernel cannot tell (too long, or cut off). */
+/* The header's name as the id search compares it: its bytes (lower case) and a mask of
+ * them, in two words; set by the agent at load. Names up to 16 bytes are searched here. */
+struct qt_qidname {
+	u64 w[2];
+	u64 mask[2];
+	u32 len;
+	u32 _pad;
+};
+BPF_ARRAY(qid_name, struct qt_qidname, 1);
+
+/* The value of the query-id header in a request's first bytes: its length, 0 when the
+ * header is not there, -1 when the kernel cannot tell (too long, or cut off). Each line
+ * start is compared whole (16 bytes at once, letters folded to lower case) so that the
+ * loop carries no state the verifier would have to follow byte by byte. */
+static __always_inline int extract_qid(const u8 *pl, u32 len, char *out)
+{
+	int z = 0;
+	struct qt_qidname *nm = qid_name.lookup(&z);
+	if (!nm || nm->len == 0 || nm->len > 16)
+		return -1;
+	u32 nlen = nm->len, start = 0;
+	for (u32 i = 0; i < QT_CAP_BYTES; i++) {
+		if (i + nlen + 1 > len)
+			return 0;
+		if (i > 0 && pl[(i - 1) & (QT_CAP_BYTES - 1)] != '\n')
+			continue;
+		u64 w[2] = {};
+		bpf_probe_read_kernel(w, sizeof(w), pl + i);
+		/* 0x20 folds A-Z to a-z; what else it changes cannot equal a name byte
+		 * that is a token character, except '\r' as '-': a header line would still
+		 * have to follow. */
+		if (((w[0] | 0x2020202020202020ULL) & nm->mask[0]) != nm->w[0] ||
+		    ((w[1] | 0x2020202020202020ULL) & nm->mask[1]) != nm->w[1])
+			continue;
+		u32 j = i + nlen;
+		if (j < QT_CAP_BYTES && pl[j] == ':') {
+			start = j + 1;
+			break;
+		}
+	}
+	if (!start)
+		return 0;
+	u8 v[QT_QID_MAX + 8] = {};
+	bpf_probe_read_kernel(v, sizeof(v), pl + start);
+	u32 avail = len > start ? len - start : 0;
+	/* Blanks after the colon, then the value to the end of its line (each loop keeps one
+	 * variable: the verifier follows them cheaply). */
+	u32 first = 8;
+	for (u32 k = 0; k < 8; k++) {
+		if (v[k] != ' ' && v[k] != '\t') {
+			first = k;
+			break;
+		}
+	}
+	if (first >= 8)
+		return -1;
+	bpf_probe_read_kernel(out, QT_QID_MAX, pl + start + first);
+	u32 n = QT_QID_MAX + 1;
+	for (u32 k = 0; k < QT_QID_MAX; k++) {
+		if (first + k >= avail)
+			return -1; /* the line goes on past what was captured */
+		u8 c = out[k];
+		if (c == '\r' || c == '\n') {
+			n = k;
+			break;
+		}
+	}
+	if (n > QT_QID_MAX) {
+		/* As long as the kernel keeps: fine if the line ends right there. */
+		u8 c = 0;
+		if (first + QT_QID_MAX >= avail)
+			return -1;
+		bpf_probe_read_kernel(&c, 1, pl + start + first + QT_QID_MAX);
+		if (c != '\r' && c != '\n')
+			return -1; /* longer than the kernel keeps: user space decides */
+		n = QT_QID_MAX;
+	}
+	for (u32 k = 0; k < QT_QID_MAX; k++) {
+		if (n == 0 || (out[(n - 1) & 63] != ' ' && out[(n - 1) & 63] != '\t'))
+			break;
+		n--;
+	}
+	return n;
+}
+
+/* A request begins: its summary starts, with the query id when the kernel found it
+ * (found > 0; -1: user space will find it from the request's bytes). */
+static __always_inline void start_request(struct qt_event *e, int found)
+{
+	int z = 0;
+	struct qt_reqsum *sb = sumbuf.lookup(&z);
+	if (!sb)
+		return;
+	u64 key = e->req_key;
+	if (found > 0) {
+		sb->qid_len = found;
+	} else {
+		__builtin_memset(sb, 0, sizeof(*sb));
+		sb->fd = -1;
+	}
+	reqsums.update(&key, sb);
+}
+
+/* Paths user space was sent, per process: later opens of the same absolute path carry
+ * its hash only and stay in the recent history. */
+struct qt_pathkey {
+	u32 tgid;
+	u32 hash;
+};
+BPF_TABLE("lru_hash", struct qt_pathkey, u8, paths_sent, 65536);
+
+static __always_inline u32 path_hash(const u8 *p)
+{
+	u32 h = 2166136261u;
+	for (int i = 0; i < QT_CAP_BYTES; i++) {
+		u8 c = p[i];
+		if (c == 0)
+			break;
+		h ^= c;
+		h *= 16777619u;
+	}
+	return h;
+}
 #endif
 
-static __always_inline void submit(struct qt_event *e, int out)
+static __always_inline int submit(struct qt_event *e, int out);
+
+#if QT_QID_KERNEL
+BPF_PROG_ARRAY(request_prog, 1);
+
+/* Tail of a syscall exit that started a request (recorder sessions with a header
+ * extractor): find the query id here, so that the request's bytes need not leave the
+ * kernel unless the id cannot be read here or the session captures requests. */
+int qt_request(void *ctx)
+{
+	int z = 0, one = 1;
+	struct qt_evbuf *b = evbuf.lookup(&z);
+	struct qt_reqsum *sb = sumbuf.lookup(&z);
+	if (!b || !sb)
+		return 0;
+	struct qt_event *e = &b->e;
+	__builtin_memset(sb, 0, sizeof(*sb));
+	sb->fd = -1;
+	u32 len = e->payload_len;
+	int found = extract_qid(b->payload, len > QT_CAP_BYTES ? QT_CAP_BYTES : len, sb->qid);
+	if (found == 0)
+		return 0; /* no id: nobody can ask about this request, so it is not kept */
+	start_request(e, found);
+	u64 *capture = config.lookup(&one);
+	int out = QT_OUT_BIG;
+	if (found > 0 && !(capture && *capture)) {
+		out = QT_OUT_SMALL;
+		if (e->payload_len > QT_HIST_PAYLOAD)
+			e->payload_len = QT_HIST_PAYLOAD;
+	}
+	submit(e, out);
+	return 0;
+}
+#endif
+
+static __always_inline int submit(struct qt_event *e, int out)
 {
 #if QT_RECORDER
 	summarize(e);
 	if (out != QT_OUT_BIG) {
 		hist_put(e);
-		return;
+		return 0;
 	}
 #endif
 	if (!admit(e->kind))
-		return;
+		return -1;
 	count(e->kind, QT_C_PRODUCED);
 	long err;
 	if (out)
@@ -397,6 +561,7 @@ static __always_inline void submit(struct qt_event *e, int out)
 		err = events.ringbuf_output(e, sizeof(struct qt_event), BPF_RB_NO_WAKEUP);
 	if (err)
 		count(e->kind, QT_C_LOST_RINGBUF);
+	return err ? -1 : 0;
 }
 
 static __always_inline void fill_task(struct qt_event *e, u64 id)
@@ -591,7 +756,7 @@ static __always_inline int neighbour_path(u16 kind, struct qt_inflight *f)
 
 /* ---- syscall exit: build and submit the event ---- */
 
-static __always_inline int on_exit(u16 exit_kind, long ret)
+static __always_inline int on_exit(void *ctx, u16 exit_kind, long ret)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tgid = id >> 32, tid = (u32)id;
@@ -732,7 +897,34 @@ static __always_inline int on_exit(u16 exit_kind, long ret)
 			}
 		}
 	}
-	submit(e, big ? QT_OUT_BIG : 0);
+	int out = big ? QT_OUT_BIG : 0;
+#if QT_RECORDER
+	struct qt_pathkey pk = {.tgid = tgid};
+	u8 *pl = (u8 *)(e + 1);
+	if (start && !cont) {
+#if QT_QID_KERNEL
+		/* The request's first read goes on in its own program (the id search would
+		 * make this one too long to verify); it returns only if that cannot run. */
+		request_prog.call(ctx, 0);
+#endif
+		start_request(e, -1);
+	} else if (kind == QT_K_OPENAT && ret >= 0 && e->payload_kind == QT_P_PATH &&
+		   pl[0] == '/') {
+		pk.hash = path_hash(pl);
+		if (paths_sent.lookup(&pk)) {
+			out = QT_OUT_SMALL;
+			__builtin_memcpy(pl, &pk.hash, sizeof(pk.hash));
+			e->payload_len = sizeof(pk.hash);
+			e->payload_kind = QT_P_PATH_HASH;
+		}
+	}
+	if (submit(e, out) == 0 && out == QT_OUT_BIG && pk.hash) {
+		u8 one8 = 1;
+		paths_sent.update(&pk, &one8);
+	}
+#else
+	submit(e, out);
+#endif
 	return 0;
 }
 
@@ -741,7 +933,7 @@ static __always_inline int on_exit(u16 exit_kind, long ret)
 #define QT_EXIT(name, KIND)                                                              \
 	int qt_x_##name(struct tracepoint__syscalls__sys_exit_##name *args)              \
 	{                                                                                \
-		return on_exit(KIND, args->ret);                                        \
+		return on_exit(args, KIND, args->ret);                                      \
 	}
 
 #define QT_FD_SYSCALL(name, KIND, fdf, a0, a1, p0)                                       \
@@ -980,7 +1172,10 @@ static __always_inline int tcp_event(u16 kind, u64 sk, u16 family, u16 sport, u1
 	}
 	e->payload_len = sizeof(struct qt_tuple);
 	e->payload_kind = QT_P_TUPLE;
-	submit(e, QT_OUT_BIG);
+	/* A recorder sends only what user space learns from: a connection's ESTABLISHED
+	 * (our side's address, for the accept or connect that follows). */
+	submit(e, kind == QT_K_INET_SOCK_SET_STATE && a1 == QT_TCP_ESTABLISHED ? QT_OUT_BIG
+									      : QT_OUT_SMALL);
 	return 0;
 }
 

@@ -109,6 +109,7 @@ enum qt_payload {
 	QT_P_TUPLE = 5,    /* struct qt_tuple from a TCP tracepoint */
 	QT_P_REQUEST_CONT = 6, /* more bytes of a request (capture sessions only) */
 	QT_P_COMM = 7,         /* a task name (the one that ran while we waited) */
+	QT_P_PATH_HASH = 8,    /* u32 FNV-1a of an absolute path user space was sent before */
 };
 
 /* Counters, per kind and per CPU: index kind * QT_C_MAX + counter. */
@@ -148,12 +149,16 @@ struct qt_event {
 };
 
 /* Flight recorder: one slot of the per-CPU recent history. Events whose payload fits
- * (none, or a task name) stay here; the rest leave the kernel at once. */
-#define QT_HIST_PAYLOAD 32
+ * (none, a task name, a TCP tuple) stay here; the rest leave the kernel at once. */
+#define QT_HIST_PAYLOAD 40
 struct qt_hslot {
 	struct qt_event e;
 	u8 payload[QT_HIST_PAYLOAD];
 };
+
+/* Flight recorder: the longest query id the kernel extracts itself (longer ones are left
+ * to user space, which never truncates an id). */
+#define QT_QID_MAX 48
 
 /* Flight recorder: where a request's time went, kept per request key in the kernel and
  * read once per request. Categories are explain's breakdown (collector/explain.py). */
@@ -181,7 +186,8 @@ struct qt_reqsum {
 	s32 fd;                /* the connection it arrived on */
 	u32 events;
 	u32 events_at_end;
-	u32 _pad;
+	u32 qid_len;           /* the query id found in the kernel (QT_QID_KERNEL); 0: none */
+	char qid[QT_QID_MAX];
 };
 
 /* Addresses from TCP tracepoints, IPv4 in the first 4 bytes of the address arrays. */
