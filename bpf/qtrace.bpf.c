@@ -526,16 +526,14 @@ int qt_request(void *ctx)
 	sb->fd = -1;
 	u32 len = e->payload_len;
 	int found = extract_qid(b->payload, len > QT_CAP_BYTES ? QT_CAP_BYTES : len, sb->qid);
-	if (found == 0)
-		return 0; /* no id: nobody can ask about this request, so it is not kept */
-	start_request(e, found);
+	/* No id: nobody can ask about the request, so it is not summarised (its events stay
+	 * in the history as the node's context). Unreadable here: user space looks. */
+	if (found != 0)
+		start_request(e, found);
 	u64 *capture = config.lookup(&one);
-	int out = QT_OUT_BIG;
-	if (found > 0 && !(capture && *capture)) {
-		out = QT_OUT_SMALL;
-		if (e->payload_len > QT_HIST_PAYLOAD)
-			e->payload_len = QT_HIST_PAYLOAD;
-	}
+	int out = found < 0 || (capture && *capture) ? QT_OUT_BIG : QT_OUT_SMALL;
+	if (out == QT_OUT_SMALL && e->payload_len > QT_HIST_PAYLOAD)
+		e->payload_len = QT_HIST_PAYLOAD;
 	submit(e, out);
 	return 0;
 }
