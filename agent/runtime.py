@@ -161,6 +161,7 @@ class AgentRuntime:
         self.shipper.history = self._history
         self.running: dict[str, Running] = {}
         self._rates: dict[str, tuple[float, int, int]] = {}  # sid -> (when, written, rate)
+        self._histories: dict[str, events_pb2.HistoryStatus] = {}
         self._ended: set[str] = set()  # expired or stopped here: never restarted
         self._desired: dict[str, tuple[sessions_pb2.Session, float]] | None = None
         self._lock = threading.Lock()
@@ -194,18 +195,25 @@ class AgentRuntime:
     # -- flight recorder -------------------------------------------------------------------
 
     def _history(self, session_id: str) -> events_pb2.HistoryStatus | None:
-        run = self.running.get(session_id)
-        status = run.tracer.history_status() if run else None
-        if status is None:
-            return None
-        size, covered_from, written = status
+        # Called by the shipper under its lock: only what the main loop measured, never
+        # the tracer's lock (a fetch holds that one while it hands events to the shipper).
+        return self._histories.get(session_id)
+
+    def _measure_histories(self) -> None:
         now = time.monotonic()
-        when, before, rate = self._rates.get(session_id, (now, written, 0))
-        if now - when >= 1.0:
-            rate = int((written - before) / (now - when))
-            when, before = now, written
-        self._rates[session_id] = (when, before, rate)
-        return events_pb2.HistoryStatus(bytes=size, covered_from_ns=covered_from, events_per_s=rate)
+        for sid, run in list(self.running.items()):
+            status = run.tracer.history_status()
+            if status is None:
+                continue
+            size, covered_from, written = status
+            when, before, rate = self._rates.get(sid, (now, written, 0))
+            if now - when >= 1.0:
+                rate = int((written - before) / (now - when))
+                when, before = now, written
+            self._rates[sid] = (when, before, rate)
+            self._histories[sid] = events_pb2.HistoryStatus(
+                bytes=size, covered_from_ns=covered_from, events_per_s=rate
+            )
 
     def _serve_fetches(self) -> None:
         while not self.stop_event.is_set():
@@ -369,6 +377,7 @@ class AgentRuntime:
                 if rescan:
                     self._last_scan = now
                     self._report_pods()
+                    self._measure_histories()
                 self.heartbeat = now
                 self.shipper.flush()
                 recording = self.running and all(r.tracer.recorder for r in self.running.values())

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import grpc
 import psutil
 
-from agent.clock import wall_ns
+from agent.clock import MAX_SLEW_NS, STEP_NS, wall_ns
 from agent.model import Event
 from agent.spool import Entry, Spool
 from qtrace.api.v1 import events_pb2, services_pb2_grpc
@@ -52,12 +52,19 @@ KEEPALIVE_OPTIONS = [
 
 class ClockEstimate:
     """Offset of the collector's clock from ours, NTP-style, from the tightest recent
-    round trip (batch sent -> ack received)."""
+    round trip (batch sent -> ack received).
+
+    The offset applied to batches slews towards that estimate, at most 50 µs per second
+    (a step only for a disagreement past 50 ms, or the first estimate): as samples come
+    and go the estimate moves by up to half a round trip, and a step would shift this
+    node's later events against its earlier ones (a sleep seeming to start before the
+    read that preceded it)."""
 
     def __init__(self, keep: int = 32) -> None:
         self._samples: deque[tuple[int, int]] = deque(maxlen=keep)  # (rtt, offset)
         self.offset_ns = 0
         self.uncertainty_ns = 0
+        self._at = 0  # our wall clock at the last update; 0: no estimate yet
 
     def add(self, ack: events_pb2.BatchAck, received_ns: int) -> None:
         t0, t1, t2, t3 = ack.batch_sent_ns, ack.received_ns, ack.sent_ns, received_ns
@@ -65,8 +72,15 @@ class ClockEstimate:
             return
         rtt = (t3 - t0) - (t2 - t1)
         self._samples.append((max(rtt, 0), ((t1 - t0) + (t2 - t3)) // 2))
-        rtt_best, self.offset_ns = min(self._samples)
-        self.uncertainty_ns = rtt_best // 2 + 1
+        rtt_best, target = min(self._samples)
+        delta = target - self.offset_ns
+        if not self._at or abs(delta) >= STEP_NS:
+            self.offset_ns = target
+        else:
+            room = max(0, received_ns - self._at) * MAX_SLEW_NS // 1_000_000_000
+            self.offset_ns += max(-room, min(room, delta))
+        self._at = received_ns
+        self.uncertainty_ns = rtt_best // 2 + 1 + abs(target - self.offset_ns)
 
 
 def process_rss() -> int:

@@ -461,8 +461,18 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         with self._store_lock:
             n = self.store.add_anomalies(stamped, now)
         # Flight recorder sessions: their detail is fetched now, while the history has it.
-        self.fetcher.want([a.query_id for a in stamped])
+        self.fetcher.want(self._recorded([(a.query_id, a.session_id) for a in stamped]))
         return anomalies_pb2.ReportAnomaliesResponse(accepted=n)
+
+    def _recorded(self, anomalies: list[tuple[str, str]]) -> list[str]:
+        """The queries that a flight recorder session may hold the detail of (an anomaly
+        without a session may belong to any of them)."""
+        recorders = {
+            s.id for s in self.sessions.all() if s.detail == sessions_pb2.DETAIL_MODE_RECORDER
+        }
+        if not recorders:
+            return []
+        return [q for q, sid in anomalies if not sid or sid in recorders]
 
     def ListAnomalies(
         self, request: anomalies_pb2.ListAnomaliesRequest, context: grpc.ServicerContext
@@ -489,7 +499,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
                 if new:
                     self.store.add_anomalies(new, time.time_ns())
                     found += len(new)
-            if new:
+            if new and s.detail == sessions_pb2.DETAIL_MODE_RECORDER:
                 self.fetcher.want([a.query_id for a in new])
         return found
 

@@ -98,3 +98,24 @@ def test_agent_wall_clock_slews_small_differences_and_steps_big_ones() -> None:
     # A clock that was set is followed at once.
     clock.follow(base + 2 * STEP_NS, 1_000)
     assert (clock.offset_ns, clock.uncertainty_ns) == (base + 2 * STEP_NS, 1_000)
+
+
+def test_collector_offset_estimate_slews_as_round_trips_come_and_go() -> None:
+    from agent.clock import MAX_SLEW_NS
+    from agent.shipper import ClockEstimate
+    from qtrace.api.v1 import events_pb2
+
+    est = ClockEstimate(keep=2)
+    s = 10**9
+
+    def ack(sent: int, offset: int, rtt: int) -> events_pb2.BatchAck:
+        t1 = sent + rtt // 2 + offset
+        return events_pb2.BatchAck(batch_sent_ns=sent, received_ns=t1, sent_ns=t1)
+
+    est.add(ack(1 * s, 0, 100_000), 1 * s + 100_000)
+    assert est.offset_ns == 0
+    # A sample whose lopsided round trip says +300 µs becomes the tightest one a second
+    # later: the offset applied to batches moves by the slew, not by the whole 300 µs.
+    est.add(ack(2 * s, 300_000, 10_000), 2 * s + 10_000)
+    assert 0 < est.offset_ns <= MAX_SLEW_NS + 1
+    assert est.uncertainty_ns >= 300_000 - est.offset_ns

@@ -137,6 +137,28 @@ def test_normal_queries_cost_no_per_event_work(twice: dict[str, Any]) -> None:
     assert agent["history"]["covers_s"] > 0
 
 
+def test_latency_outliers_come_from_summaries(twice: dict[str, Any]) -> None:
+    """The recorder's collector flags slow queries from the kernel's summaries alone (it
+    has no events of normal queries), and their detail comes back from the history."""
+    rec, sid = twice["rec"], twice["sid_rec"]
+
+    def latency() -> list[str]:
+        found = qtrace_json("anomalies", "--session", sid, "--collector", rec.addr)
+        return [a["query_id"] for a in found["anomalies"] if a["type"] == "latency"]
+
+    slow = wait_for(latency, 60, "latency outliers from the summaries")
+    detail = wait_for(
+        lambda: [
+            q for q in slow if qtrace_json("query", "show", q, "--collector", rec.addr)["events"]
+        ],
+        30,
+        "their fetched detail",
+    )
+    x = qtrace_json("explain", detail[0], "--collector", rec.addr)
+    assert x["completeness"]["complete"], x["completeness"]["reasons"]
+    assert x["findings"], "a query slow enough to be flagged has a cause"
+
+
 def test_overwritten_window_is_said(twice: dict[str, Any]) -> None:
     rec, new = twice["rec"], twice["new"]
     qtrace("session", "stop", twice["sid_rec"], "--collector", rec.addr)
