@@ -24,6 +24,9 @@ _SLOT_WORDS = abi.HSLOT_SIZE // 8
 # 50k events/s, minutes for a service at a few thousand requests per second.
 DEFAULT_HISTORY_BYTES = 64 << 20
 MIN_HISTORY_BYTES = 1 << 20
+# An event that ends this long after a window is not looked for in it (a sleep or a poll
+# that began inside the window and lasted longer): reading on would mean every newer slot.
+LONGEST_NS = 2_000_000_000
 MAX_HISTORY_BYTES = 4 << 30
 
 
@@ -81,6 +84,11 @@ class Intervals:
         merged.append((lo, hi))
         self._spans = sorted(merged)
 
+    def copy(self) -> Intervals:
+        other = Intervals()
+        other._spans = list(self._spans)
+        return other
+
     def forget_before(self, t: int) -> None:
         self._spans = [(a, b) for a, b in self._spans if b >= t]
 
@@ -98,7 +106,10 @@ class History:
         self.started_ns = time.monotonic_ns()
 
     def close(self) -> None:
-        self._map.close()
+        # A fetch may still be reading it (the session ended meanwhile): the mapping
+        # then goes with its last reader.
+        with contextlib.suppress(BufferError):
+            self._map.close()
 
     def heads(self) -> list[int]:
         return [int(v) for v in self._heads.getvalue(ctypes.c_int(0))][: self.cpus]
@@ -118,37 +129,52 @@ class History:
 
     def window(self, from_ns: int, to_ns: int, sent: Intervals | None = None) -> Window:
         """Every recorded event overlapping [from_ns, to_ns], oldest first, but those
-        wholly inside what was ``sent`` before."""
+        wholly inside what was ``sent`` before.
+
+        Times come straight from the shared mapping (no copy of the whole history: it may
+        be gigabytes), then only the chosen slots are copied; whatever was overwritten
+        meanwhile is told by the heads read afterwards. Each CPU's slots are in the order
+        their events ended, so the window's first slot is found by bisection."""
         h0 = self.heads()
-        data = self._map[:]  # one copy; slots written meanwhile are told by the heads
+        words = memoryview(self._map).cast("Q")
+        picked: list[tuple[int, int, int, int]] = []  # (start, cpu, seq, offset)
+        try:
+            for cpu in range(self.cpus):
+                hi, lo = h0[cpu], max(0, h0[cpu] - self.slots + 1)
+                if lo >= hi:
+                    continue
+                base = cpu * self.slots
+                w0, w1 = base * _SLOT_WORDS, (base + self.slots) * _SLOT_WORDS
+                ext = words[w0 + 1 : w1 : _SLOT_WORDS].tolist()
+                r = lo % self.slots
+                ends = (ext[r:] + ext[:r])[: hi - lo]  # in sequence order
+                first = bisect.bisect_left(ends, from_ns)
+                for k in range(first, len(ends)):
+                    if ends[k] > to_ns + LONGEST_NS:
+                        break
+                    i = (lo + k) % self.slots
+                    start = int(words[(base + i) * _SLOT_WORDS])
+                    if start > to_ns or (sent and sent.holds(start, ends[k])):
+                        continue
+                    picked.append((start, cpu, lo + k, (base + i) * abi.HSLOT_SIZE))
+            copies = [self._map[off : off + abi.HSLOT_SIZE] for *_, off in picked]
+        finally:
+            words.release()
         h1 = self.heads()
-        words = memoryview(data).cast("Q")
         # Only a ring that went round has lost anything: before the session began there
         # was nothing to record.
         covered = 0
-        records: list[tuple[int, bytes]] = []
         for cpu in range(self.cpus):
-            # Whole and not overwritten during the copy: sequence numbers [lo, hi).
-            hi, lo = h0[cpu], max(0, h1[cpu] - self.slots + 1)
-            if lo >= hi:
-                continue
-            base = cpu * self.slots
             if h1[cpu] > self.slots:
-                first = (lo % self.slots + base) * _SLOT_WORDS
-                covered = max(covered, int(words[first]))
-            enters = words[base * _SLOT_WORDS : (base + self.slots) * _SLOT_WORDS : _SLOT_WORDS]
-            exits = words[base * _SLOT_WORDS + 1 : (base + self.slots) * _SLOT_WORDS : _SLOT_WORDS]
-            ent, ext = enters.tolist(), exits.tolist()
-            for seq in range(lo, hi):
-                i = seq % self.slots
-                if (
-                    ext[i] >= from_ns
-                    and ent[i] <= to_ns
-                    and not (sent and sent.holds(ent[i], ext[i]))
-                ):
-                    off = (base + i) * abi.HSLOT_SIZE
-                    records.append((ent[i], data[off : off + abi.HSLOT_SIZE]))
-        records.sort(key=lambda r: r[0])
+                seq = h1[cpu] - self.slots + 1
+                off = (cpu * self.slots + seq % self.slots) * abi.HSLOT_SIZE
+                covered = max(covered, int.from_bytes(self._map[off : off + 8], "little"))
+        floor = [h1[cpu] - self.slots + 1 for cpu in range(self.cpus)]
+        records = sorted(
+            (start, rec)
+            for (start, cpu, seq, _), rec in zip(picked, copies, strict=True)
+            if seq >= floor[cpu]  # not overwritten while we read
+        )
         return Window([r for _, r in records], covered, complete=covered <= from_ns)
 
 

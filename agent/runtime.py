@@ -229,6 +229,8 @@ class AgentRuntime:
                 got = run.tracer.fetch(f.from_ns, f.to_ns)
             except QtraceError as e:
                 result.error = str(e)
+            except (ValueError, BufferError) as e:  # the session ended under the fetch
+                result.error = f"session {f.session_id} ended on {self.node} during the fetch ({e})"
             else:
                 run.tracer.sink.write(got.events)
                 result.complete = got.complete

@@ -25,6 +25,7 @@ from qtrace.queryid import query_id_from_bytes
 # Flight recorder: a request with no event for this long is over; its summary is read.
 SUMMARY_IDLE_NS = 1_000_000_000
 HARVEST_INTERVAL_S = 0.5
+FETCH_CHUNK = 2000
 # Summary fields, named as explain names them (collector/explain.py, collector/store.py).
 SUMMARY_FIELDS = {
     "net": "network",
@@ -337,31 +338,40 @@ class Tracer:
         """Everything the recent history holds of [from_ns, to_ns] (this node's wall
         clock), decoded as it would have been live."""
         with self._lock:
-            if self._history is None:
+            history = self._history
+            if history is None:
                 raise QtraceError("this session does not record a recent history")
             clock = self._decoder.clock
             lo, hi = from_ns - clock.offset_ns, to_ns - clock.offset_ns
             self._poll()  # what left the kernel up to now, so the window is whole
-            window = self._history.window(lo, hi, self._sent)
-            decode, res = self._decoder.decode, self._fds
-            groups = self.probe_config.groups
-            keep = groups | {"other"} | ({"lock"} if "storage" in groups else set())
-            if "node" in groups:
-                keep |= {"storage", "lock"}
-            events: list[Event] = []
-            # Counted apart: `received` is what normal operation costs per event.
-            live, self._decoder.received = self._decoder.received, self.fetched_kinds
-            self._decoder.replaying = True
-            try:
-                for rec in window.records:
-                    res.as_of = abi.EVENT.unpack_from(rec)[0]
-                    e = decode(rec)
-                    if e is not None and e.group in keep:
-                        events.append(e)
-            finally:
-                res.as_of = None
-                self._decoder.received = live
-                self._decoder.replaying = False
+            sent = self._sent.copy()
+        # Read without the lock: draining and harvesting go on meanwhile.
+        window = history.window(lo, hi, sent)
+        groups = self.probe_config.groups
+        keep = groups | {"other"} | ({"lock"} if "storage" in groups else set())
+        if "node" in groups:
+            keep |= {"storage", "lock"}
+        events: list[Event] = []
+        records = window.records
+        # Decoded a chunk at a time: between chunks the main loop drains the ring buffer
+        # (a long window must not make it overflow).
+        for at in range(0, len(records), FETCH_CHUNK):
+            with self._lock:
+                decode, res = self._decoder.decode, self._fds
+                # Counted apart: `received` is what normal operation costs per event.
+                live, self._decoder.received = self._decoder.received, self.fetched_kinds
+                self._decoder.replaying = True
+                try:
+                    for rec in records[at : at + FETCH_CHUNK]:
+                        res.as_of = abi.EVENT.unpack_from(rec)[0]
+                        e = decode(rec)
+                        if e is not None and e.group in keep:
+                            events.append(e)
+                finally:
+                    res.as_of = None
+                    self._decoder.received = live
+                    self._decoder.replaying = False
+        with self._lock:
             sent = self._sent
             events += [
                 e

@@ -33,14 +33,19 @@ QTRACE = str(Path(sys.executable).parent / "qtrace")
 
 # The load: preads of a small file at a paced rate (each is one storage event).
 LOAD = """
-import os, sys, time
+import os, sys, threading, time
 fd = os.open(sys.argv[1], os.O_RDONLY)
-rate = int(sys.argv[2])
+rate = [0]
+def read_rates():
+    for line in sys.stdin:
+        rate[0] = int(line)
+threading.Thread(target=read_rates, daemon=True).start()
 print("ready", flush=True)
-start = time.monotonic()
-n = 0
+start, n, last = time.monotonic(), 0, 0
 while True:
-    due = int((time.monotonic() - start) * rate)
+    if rate[0] != last:  # a new rate counts from now
+        start, n, last = time.monotonic(), 0, rate[0]
+    due = int((time.monotonic() - start) * last)
     while n < due:
         os.pread(fd, 64, 0)
         n += 1
@@ -69,6 +74,7 @@ def main() -> None:
     ap.add_argument("--delays", default="1,10,30", help="seconds, comma separated")
     ap.add_argument("--queries", type=int, default=20, help="anomalous queries per delay")
     ap.add_argument("--history-size", default="64M")
+    ap.add_argument("--verbose", action="store_true", help="print every reason")
     a = ap.parse_args()
     delays = [float(x) for x in a.delays.split(",")]
     with tempfile.TemporaryDirectory() as d:
@@ -84,10 +90,11 @@ def main() -> None:
             with Cluster(tmp / "svc") as svc:
                 # The service itself makes part of the rate; the load the rest.
                 load = subprocess.Popen(
-                    [sys.executable, "-c", LOAD, str(tmp / "file"), str(a.rate)],
-                    stdout=subprocess.PIPE, text=True,
+                    [sys.executable, "-c", LOAD, str(tmp / "file")],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 assert load.stdout is not None and load.stdout.readline() == "ready\n"
+                assert load.stdin is not None
                 targets = [x for p in [*svc.pids.values(), load.pid] for x in ("--pid", str(p))]
                 sid = q("session", "start", *targets, "--duration", "30m", "--probes", "all",
                         "--capture", "recorder", "--history-size", a.history_size,
@@ -100,12 +107,18 @@ def main() -> None:
                     daemon=True,
                 )
                 background.start()
+                time.sleep(3.0)  # the service's own rate, measured by the agent
+                hist = q("session", "status", sid, "--collector", addr)["agents"][0]["history"]
+                own = (hist or {}).get("events_per_s", 0)
+                load.stdin.write(f"{max(0, a.rate - own)}\n")
+                load.stdin.flush()
                 time.sleep(3.0)  # let the rate settle before measuring it
                 status = q("session", "status", sid, "--collector", addr)["agents"][0]
                 hist = status["history"] or {}
                 size, rate = hist.get("bytes", 0), max(1, hist.get("events_per_s", 1))
-                print(f"history {size >> 20} MiB, filling at {rate} events/s; it covers "
-                      f"the last {size / HSLOT_SIZE / rate:.1f} s")  # fmt: skip
+                print(f"history {size >> 20} MiB, filling at {rate} events/s: "
+                      f"{size / HSLOT_SIZE / rate:.1f} s on average; the busiest CPU's ring "
+                      f"covers {hist.get('covers_s', 0):.1f} s so far")  # fmt: skip
                 rows = []
                 for delay in delays:
                     qids = [f"late{int(delay)}-{i:04d}" for i in range(a.queries)]
@@ -116,14 +129,21 @@ def main() -> None:
                         time.sleep(0.05)
                     recovered = 0
                     reasons: dict[str, int] = {}
-                    for qid, t in zip(qids, sent_at, strict=True):
-                        time.sleep(max(0.0, t + delay - time.monotonic()))
-                        q("anomaly", "report", "--query-id", qid, "--type", "latency",
-                          "--session", sid, "--collector", addr)  # fmt: skip
+                    # All at once, as a comparator's batch of verdicts: the last query's
+                    # anomaly comes `delay` after it, the first one's up to a second more.
+                    time.sleep(max(0.0, sent_at[-1] + delay - time.monotonic()))
+                    verdicts = tmp / f"late{int(delay)}.jsonl"
+                    verdicts.write_text("".join(
+                        json.dumps({"query_id": x, "type": "latency", "session_id": sid}) + "\n"
+                        for x in qids
+                    ))  # fmt: skip
+                    q("anomaly", "import", str(verdicts), "--collector", addr)
                     for qid in qids:
                         x = q("explain", qid, "--collector", addr)
                         if x["completeness"]["complete"]:
                             recovered += 1
+                        if a.verbose:
+                            print(qid, x["completeness"]["reasons"])
                         for r in x["completeness"]["reasons"]:
                             key = r.split(":")[0][:60]
                             reasons[key] = reasons.get(key, 0) + 1
@@ -131,6 +151,12 @@ def main() -> None:
                     print(f"delay {delay:>4.0f} s: {recovered}/{len(qids)} recovered "
                           f"({recovered / len(qids):.2f})"
                           + (f"; {reasons}" if reasons else ""), flush=True)  # fmt: skip
+                drops = q("session", "status", sid, "--collector", addr)["agents"][0]["drops"]
+                lost = {
+                    k: {c: v for c, v in d.items() if c.startswith("lost") and v}
+                    for k, d in drops.items()
+                }
+                print("lost on the way:", {k: v for k, v in lost.items() if v} or "nothing")
                 stop.set()
                 background.join()
                 load.kill()
