@@ -43,6 +43,7 @@ setup-bench:
 bench: setup-bench
 	$(PY) bench/trace_overhead.py
 	$(PY) bench/trace_overhead.py --probes all
+	$(PY) bench/recorder_recovery.py --history-size 256M
 	$(PY) bench/node_overhead.py
 	$(PY) bench/ingest_grpc.py
 	$(PY) bench/ingest_store.py
