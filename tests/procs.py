@@ -107,6 +107,11 @@ class Proc:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            # Hung: the test fails, but no later test may inherit its probes.
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
         finally:
             self._reader.join(10)
 
