@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,34 @@ def session_status(addr: str, sid: str) -> dict[str, Any]:
 def joined(addr: str, sid: str, n: int = 1) -> bool:
     """At least n agents have attached the session's probes (they announce it)."""
     return len(session_status(addr, sid)["agents"]) >= n
+
+
+def start_session(addr: str, pids: Iterable[int], *extra: str) -> str:
+    """A session on these pids, once an agent has attached it."""
+    targets = [a for pid in pids for a in ("--pid", str(pid))]
+    sid: str = qtrace_json(
+        "session", "start", *targets, "--duration", "10m", "--collector", addr, *extra
+    )["session_id"]
+    wait_for(lambda: session_status(addr, sid)["agents"], 30, "the agent to attach")
+    return sid
+
+
+def replay(
+    log: Path, queries: Iterable[str], urls: tuple[str, str, str], sid: str, addr: str
+) -> dict[str, Any]:
+    """``qtrace replay`` of these queries against (primary, secondary, candidate) roots,
+    reporting to the session; its JSON summary."""
+    log.write_text("".join(f"{q}\n" for q in queries))
+    primary, secondary, candidate = urls
+    r = subprocess.run(
+        [QTRACE, "replay", "--format", "json", "--queries", str(log),
+         "--template", "GET /search?q={query}", "--primary", primary,
+         "--secondary", secondary, "--candidate", candidate,
+         "--concurrency", "4", "--session", sid, "--collector", addr],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    summary: dict[str, Any] = json.loads(r.stdout)
+    return summary
 
 
 def complete(addr: str, sid: str, n: int = 1) -> bool:

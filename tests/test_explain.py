@@ -13,7 +13,17 @@ import pytest
 from qtrace.timeline import perfetto, render_html
 from searchsvc.client import make_queries
 from searchsvc.cluster import Cluster
-from tests.procs import QTRACE, Agent, Collector, complete, qtrace, qtrace_json, wait_for
+from tests.procs import (
+    QTRACE,
+    Agent,
+    Collector,
+    complete,
+    qtrace,
+    qtrace_json,
+    replay,
+    start_session,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,28 +44,14 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> Any:
                 fault_seed=7,
             ) as new,
         ):
-            targets = [arg for pid in new.pids.values() for arg in ("--pid", str(pid))]
-            sid = qtrace_json(
-                "session", "start", *targets, "--duration", "10m", "--collector", col.addr
-            )["session_id"]
-            wait_for(
-                lambda: qtrace_json("session", "status", sid, "--collector", col.addr)["agents"],
-                30,
-                "the agent to attach",
-            )
-            log = tmp / "q.txt"
-            log.write_text("".join(f"{q}\n" for _i, q in make_queries(1500, seed=3)))
-            r = subprocess.run(
-                [QTRACE, "replay", "--format", "json", "--queries", str(log),
-                 "--template", "GET /search?q={query}", "--primary", old_a.root_url,
-                 "--secondary", old_b.root_url, "--candidate", new.root_url,
-                 "--concurrency", "4", "--session", sid, "--collector", col.addr],
-                capture_output=True, text=True, timeout=600, check=True,
-            )  # fmt: skip
+            sid = start_session(col.addr, new.pids.values())
+            urls = (old_a.root_url, old_b.root_url, new.root_url)
+            queries = [q for _i, q in make_queries(1500, seed=3)]
+            summary = replay(tmp / "q.txt", queries, urls, sid, col.addr)
             qtrace("session", "stop", sid, "--collector", col.addr)
             wait_for(lambda: complete(col.addr, sid), 60, "the agent's final batch")
             journals = {role: new.journal(role, settle_s=10) for role in new.pids}
-            yield col, json.loads(r.stdout), journals, dict(new.pids)
+            yield col, summary, journals, dict(new.pids)
     finally:
         agent.stop()
         col.stop()

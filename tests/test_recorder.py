@@ -6,7 +6,6 @@ cost the recorder agent no per-event work; an overwritten window is said."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.request
 from collections import Counter
@@ -16,24 +15,20 @@ import pytest
 
 from searchsvc.client import drive, make_queries
 from searchsvc.cluster import Cluster
-from tests.procs import QTRACE, Agent, Collector, complete, qtrace, qtrace_json, wait_for
+from tests.procs import (
+    Agent,
+    Collector,
+    complete,
+    qtrace,
+    qtrace_json,
+    replay,
+    start_session,
+    wait_for,
+)
 
 # The delay the acceptance asks for: the comparator's verdict comes this long after the
 # query (it is the scenario, not a wait for something to happen).
 REPORT_DELAY_S = 10.0
-
-
-def start(addr: str, pids: list[int], *extra: str) -> str:
-    targets = [a for pid in pids for a in ("--pid", str(pid))]
-    sid: str = qtrace_json(
-        "session", "start", *targets, "--duration", "10m", "--collector", addr, *extra
-    )["session_id"]
-    wait_for(
-        lambda: qtrace_json("session", "status", sid, "--collector", addr)["agents"],
-        30,
-        "the agent to attach",
-    )
-    return sid
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +50,14 @@ def twice(tmp_path_factory: pytest.TempPathFactory) -> Any:
             ) as new,
         ):
             pids = list(new.pids.values())
-            sid_full = start(full.addr, pids)
-            sid_rec = start(rec.addr, pids, "--capture", "recorder", "--history-size", "256M")
-            log = tmp / "q.txt"
-            log.write_text("".join(f"{q}\n" for _i, q in make_queries(600, seed=5)))
-            r = subprocess.run(
-                [QTRACE, "replay", "--format", "json", "--queries", str(log),
-                 "--template", "GET /search?q={query}", "--primary", old_a.root_url,
-                 "--secondary", old_b.root_url, "--candidate", new.root_url,
-                 "--concurrency", "4", "--session", sid_full, "--collector", full.addr],
-                capture_output=True, text=True, timeout=600, check=True,
-            )  # fmt: skip
-            mismatches = [m["query_id"] for m in json.loads(r.stdout)["mismatches"]]
+            sid_full = start_session(full.addr, pids)
+            sid_rec = start_session(
+                rec.addr, pids, "--capture", "recorder", "--history-size", "256M"
+            )
+            urls = (old_a.root_url, old_b.root_url, new.root_url)
+            queries = [q for _i, q in make_queries(600, seed=5)]
+            summary = replay(tmp / "q.txt", queries, urls, sid_full, full.addr)
+            mismatches = [m["query_id"] for m in summary["mismatches"]]
             replayed = time.monotonic()
             yield {
                 "full": full, "rec": rec, "sid_full": sid_full, "sid_rec": sid_rec,
@@ -147,14 +138,9 @@ def test_latency_outliers_come_from_summaries(twice: dict[str, Any]) -> None:
         return [a["query_id"] for a in found["anomalies"] if a["type"] == "latency"]
 
     slow = wait_for(latency, 60, "latency outliers from the summaries")
-    detail = wait_for(
-        lambda: [
-            q for q in slow if qtrace_json("query", "show", q, "--collector", rec.addr)["events"]
-        ],
-        30,
-        "their fetched detail",
-    )
-    x = qtrace_json("explain", detail[0], "--collector", rec.addr)
+    # Asking for it fetches it, if the collector has not already (it asks by itself).
+    x = qtrace_json("explain", slow[0], "--collector", rec.addr)
+    assert x["hops"] and all(h["events"] for h in x["hops"]), x["hops"]
     assert x["completeness"]["complete"], x["completeness"]["reasons"]
     assert x["findings"], "a query slow enough to be flagged has a cause"
 
@@ -163,7 +149,7 @@ def test_overwritten_window_is_said(twice: dict[str, Any]) -> None:
     rec, new = twice["rec"], twice["new"]
     qtrace("session", "stop", twice["sid_rec"], "--collector", rec.addr)
     pids = list(new.pids.values())
-    small = start(rec.addr, pids, "--capture", "recorder", "--history-size", "1M")
+    small = start_session(rec.addr, pids, "--capture", "recorder", "--history-size", "1M")
     first = "early-0001"
     req = urllib.request.Request(f"{new.root_url}/search?q=alpha", headers={"X-Query-Id": first})
     with urllib.request.urlopen(req, timeout=10) as resp:
