@@ -138,3 +138,11 @@ REQSUM_FIELDS = (
     ("qid", f"{QID_MAX}s"),
 )
 REQSUM = struct.Struct("<" + "".join(f for _, f in REQSUM_FIELDS))
+
+
+def fnv1a(data: bytes) -> int:
+    """32-bit FNV-1a, as bpf/qtrace.bpf.c hashes names (name_hash) and paths (path_hash)."""
+    h = 2166136261
+    for c in data:
+        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
+    return h

@@ -26,6 +26,15 @@ MAX_SLEW_NS = 50_000
 STEP_NS = 50_000_000
 
 
+def slew(current: int, target: int, room: int) -> int:
+    """An offset moved towards ``target`` by at most ``room``, or all the way when they
+    disagree by STEP_NS or more (a clock that was set, not one that drifts)."""
+    delta = target - current
+    if abs(delta) >= STEP_NS:
+        return target
+    return current + max(-room, min(room, delta))
+
+
 def measure_offset(samples: int = 7, max_samples: int = 200) -> tuple[int, int]:
     """(offset, uncertainty) such that wall = mono + offset, from the tightest bracket."""
     best: tuple[int, int] | None = None
@@ -62,13 +71,8 @@ class WallClock:
     def follow(self, offset: int, uncertainty: int) -> None:
         """Move towards a new measurement: slew small differences, step big ones, and
         ignore a measurement too loose to tell (a bracket wider than the slew)."""
-        delta = offset - self.offset_ns
-        if abs(delta) >= STEP_NS:
-            self.offset_ns, self.uncertainty_ns = offset, uncertainty
+        if uncertainty > MAX_SLEW_NS and abs(offset - self.offset_ns) < STEP_NS:
             return
-        if uncertainty > MAX_SLEW_NS:
-            return
-        step = max(-MAX_SLEW_NS, min(MAX_SLEW_NS, delta))
-        self.offset_ns += step
+        self.offset_ns = slew(self.offset_ns, offset, MAX_SLEW_NS)
         # What is not caught up yet is part of the uncertainty until it is.
-        self.uncertainty_ns = uncertainty + abs(delta - step)
+        self.uncertainty_ns = uncertainty + abs(offset - self.offset_ns)

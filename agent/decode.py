@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent import abi
@@ -43,14 +43,6 @@ _PROC_PID = re.compile(r"^/proc/(\d+)(/|$)")
 
 
 MAX_PATHS = 200_000
-
-
-def path_hash(path: str) -> int:
-    """FNV-1a of a whole path, as bpf/qtrace.bpf.c computes it (path_hash)."""
-    h = 2166136261
-    for c in path.encode():
-        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
-    return h
 
 
 def _cstr(b: bytes) -> str:
@@ -231,7 +223,7 @@ class Decoder:
             else:
                 path = _cstr(payload)
                 if path.startswith("/") and self.starts is not None:
-                    self.paths[(tgid, path_hash(path))] = path
+                    self.paths[(tgid, abi.fnv1a(path.encode()))] = path
                     if len(self.paths) > MAX_PATHS:  # the kernel sends evicted ones again
                         for old in list(self.paths)[: MAX_PATHS // 10]:
                             del self.paths[old]
@@ -316,6 +308,26 @@ class Decoder:
         if self.starts is not None and flags & abi.F_REQ_START and not self.replaying:
             self.starts[req_key] = event
         return event
+
+    def decode_past(self, records: Sequence[bytes], counts: Counter[str]) -> list[Event]:
+        """Records read back from the recent history (flight recorder): fds resolve to
+        what they were when each event ended, request ids come from the summaries, and
+        what is decoded is counted in ``counts`` (``received`` is what normal operation
+        costs per event)."""
+        live, self.received = self.received, counts
+        self.replaying = True
+        try:
+            out = []
+            for rec in records:
+                self.resolver.as_of = abi.EVENT.unpack_from(rec)[0]
+                e = self.decode(rec)
+                if e is not None:
+                    out.append(e)
+            return out
+        finally:
+            self.resolver.as_of = None
+            self.received = live
+            self.replaying = False
 
     def _node_kept(self, tgid: int, cgroup_id: int, fd: int, kind: int, target: str | None) -> bool:
         """Node group: a target's file becomes watched; a neighbour's event stays only if

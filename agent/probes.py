@@ -89,8 +89,14 @@ class ProbeConfig:
             out += MMAP_LOCK
         return out + list(LIFECYCLE)
 
-    def _qid_flags(self) -> list[str]:
-        return _qid_flags_for(self)
+    def qid_flags(self) -> list[str]:
+        """Recorder sessions with a header extractor find query ids in the kernel: letters,
+        digits and '-' only (the kernel folds case by setting bit 0x20, which all of these
+        have once lower case), up to 16 bytes."""
+        name = self.qid_header.lower()
+        if not self.history_slots or not re.fullmatch(r"[a-z0-9-]{1,16}", name):
+            return []
+        return ["-DQT_QID_KERNEL=1"]
 
     def cflags(self) -> list[str]:
         return [
@@ -103,18 +109,9 @@ class ProbeConfig:
             f"-DQT_RECORDER={int(self.history_slots > 0)}",
             f"-DQT_HIST_SLOTS={max(self.history_slots, 1)}",
             f"-DQT_HIST_CPUS={possible_cpus()}",
-            *self._qid_flags(),
+            *self.qid_flags(),
             "-Wno-macro-redefined",
         ]
-
-
-def _qid_flags_for(config: ProbeConfig) -> list[str]:
-    name = config.qid_header.lower()
-    # Letters, digits and '-' only: the kernel folds case by setting bit 0x20, which all
-    # of these have once lower case.
-    if not config.history_slots or not re.fullmatch(r"[a-z0-9-]{1,16}", name):
-        return []
-    return ["-DQT_QID_KERNEL=1"]
 
 
 def possible_cpus() -> int:
@@ -131,10 +128,7 @@ def history_slots(history_bytes: int) -> int:
 
 def name_hash(path: str) -> int:
     """FNV-1a of a path's last component, as bpf/qtrace.bpf.c computes it."""
-    h = 2166136261
-    for c in path.encode().rsplit(b"/", 1)[-1]:
-        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
-    return h
+    return abi.fnv1a(path.encode().rsplit(b"/", 1)[-1])
 
 
 class Probes:
@@ -147,7 +141,7 @@ class Probes:
         self.config = config or ProbeConfig()
         self._bpf = BPF(src_file=str(abi.PROGRAM).encode(), cflags=self.config.cflags())
         self._attached: list[str] = []
-        if self.config._qid_flags():  # before any program runs
+        if self.config.qid_flags():  # before any program runs
             table = self._bpf[b"qid_name"]
             leaf = table.Leaf()
             name = self.config.qid_header.lower().encode().ljust(16, b"\0")

@@ -114,18 +114,22 @@ class History:
     def heads(self) -> list[int]:
         return [int(v) for v in self._heads.getvalue(ctypes.c_int(0))][: self.cpus]
 
-    def coverage(self) -> tuple[int, int]:
-        """(covered_from_ns, slots written): since when every CPU's ring still holds all
-        it recorded."""
-        heads = self.heads()
-        oldest = self.started_ns
+    def _lost_before(self, heads: list[int]) -> int:
+        """Since when every CPU's ring still holds all it recorded, given its heads: the
+        oldest whole slot of each ring that went round; 0 when none has."""
+        oldest = 0
         for cpu, head in enumerate(heads):
-            if head > self.slots:  # wrapped: its oldest whole slot bounds the coverage
+            if head > self.slots:
                 seq = head - self.slots + 1
                 off = (cpu * self.slots + seq % self.slots) * abi.HSLOT_SIZE
-                ts = int.from_bytes(self._map[off : off + 8], "little")
-                oldest = max(oldest, ts)
-        return oldest, sum(heads)
+                oldest = max(oldest, int.from_bytes(self._map[off : off + 8], "little"))
+        return oldest
+
+    def coverage(self) -> tuple[int, int]:
+        """(covered_from_ns, slots written): since when the history holds everything
+        (at most since it began)."""
+        heads = self.heads()
+        return max(self.started_ns, self._lost_before(heads)), sum(heads)
 
     def window(self, from_ns: int, to_ns: int, sent: Intervals | None = None) -> Window:
         """Every recorded event overlapping [from_ns, to_ns], oldest first, but those
@@ -163,12 +167,7 @@ class History:
         h1 = self.heads()
         # Only a ring that went round has lost anything: before the session began there
         # was nothing to record.
-        covered = 0
-        for cpu in range(self.cpus):
-            if h1[cpu] > self.slots:
-                seq = h1[cpu] - self.slots + 1
-                off = (cpu * self.slots + seq % self.slots) * abi.HSLOT_SIZE
-                covered = max(covered, int.from_bytes(self._map[off : off + 8], "little"))
+        covered = self._lost_before(h1)
         floor = [h1[cpu] - self.slots + 1 for cpu in range(self.cpus)]
         records = sorted(
             (start, rec)

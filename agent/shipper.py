@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import grpc
 import psutil
 
-from agent.clock import MAX_SLEW_NS, STEP_NS, wall_ns
+from agent.clock import MAX_SLEW_NS, slew, wall_ns
 from agent.model import Event
 from agent.spool import Entry, Spool
 from qtrace.api.v1 import events_pb2, services_pb2_grpc
@@ -73,12 +73,11 @@ class ClockEstimate:
         rtt = (t3 - t0) - (t2 - t1)
         self._samples.append((max(rtt, 0), ((t1 - t0) + (t2 - t3)) // 2))
         rtt_best, target = min(self._samples)
-        delta = target - self.offset_ns
-        if not self._at or abs(delta) >= STEP_NS:
+        if not self._at:
             self.offset_ns = target
         else:
             room = max(0, received_ns - self._at) * MAX_SLEW_NS // 1_000_000_000
-            self.offset_ns += max(-room, min(room, delta))
+            self.offset_ns = slew(self.offset_ns, target, room)
         self._at = received_ns
         self.uncertainty_ns = rtt_best // 2 + 1 + abs(target - self.offset_ns)
 

@@ -74,6 +74,13 @@ class Tracer:
         self.sink = sink
         self.extractor = extractor or QueryIdExtractor.header()
         self.probe_config = probe_config or ProbeConfig()
+        groups = self.probe_config.groups
+        # Groups of events kept: "other" (pipes and the like, seen once before the kernel
+        # learns to skip them) belongs to no probe group and is kept whatever the session
+        # asked for; locks come with storage, and the node group brings both.
+        self._keep = groups | {"other"} | ({"lock"} if "storage" in groups else set())
+        if "node" in groups:
+            self._keep |= {"storage", "lock"}
         if self.probe_config.history_slots and self.extractor.header_name:
             self.probe_config = replace(self.probe_config, qid_header=self.extractor.header_name)
         self.drain_interval = drain_interval
@@ -254,14 +261,10 @@ class Tracer:
             if self._resolver_targets.matches_process(pid, comm or proc_comm(pid) or ""):
                 self._add_tgid(pid)
         self._fds.new_cycle()
-        decode = self._decoder.decode
-        groups = self.probe_config.groups
-        # "other" (pipes and the like, seen once before the kernel learns to skip them)
-        # belongs to no probe group and is kept whatever the session asked for.
-        keep = groups | {"other"} | ({"lock"} if "storage" in groups else set())
-        if "node" in groups:
-            keep |= {"storage", "lock"}
-        events = [e for e in map(decode, records) if e is not None and e.group in keep]
+        keep = self._keep
+        events = [
+            e for e in map(self._decoder.decode, records) if e is not None and e.group in keep
+        ]
         if self.recorder:
             # Nothing ships per event: what left the kernel waits here with the history.
             self._recent.extend(events)
@@ -347,30 +350,14 @@ class Tracer:
             sent = self._sent.copy()
         # Read without the lock: draining and harvesting go on meanwhile.
         window = history.window(lo, hi, sent)
-        groups = self.probe_config.groups
-        keep = groups | {"other"} | ({"lock"} if "storage" in groups else set())
-        if "node" in groups:
-            keep |= {"storage", "lock"}
         events: list[Event] = []
         records = window.records
         # Decoded a chunk at a time: between chunks the main loop drains the ring buffer
         # (a long window must not make it overflow).
         for at in range(0, len(records), FETCH_CHUNK):
             with self._lock:
-                decode, res = self._decoder.decode, self._fds
-                # Counted apart: `received` is what normal operation costs per event.
-                live, self._decoder.received = self._decoder.received, self.fetched_kinds
-                self._decoder.replaying = True
-                try:
-                    for rec in records[at : at + FETCH_CHUNK]:
-                        res.as_of = abi.EVENT.unpack_from(rec)[0]
-                        e = decode(rec)
-                        if e is not None and e.group in keep:
-                            events.append(e)
-                finally:
-                    res.as_of = None
-                    self._decoder.received = live
-                    self._decoder.replaying = False
+                past = self._decoder.decode_past(records[at : at + FETCH_CHUNK], self.fetched_kinds)
+            events += [e for e in past if e.group in self._keep]
         with self._lock:
             sent = self._sent
             events += [

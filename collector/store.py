@@ -166,12 +166,6 @@ WHERE n.grp = 'summary' OR NOT EXISTS (
 )
 """
 
-# Fields of a flight recorder's request summary (agent/tracer.py SUMMARY_FIELDS).
-SUMMARY_FIELDS = (
-    "network", "storage", "block_io", "runqueue", "lock", "page_fault", "offcpu", "offcpu_main",
-    "waits_others",
-)  # fmt: skip
-
 QUERY_COLUMNS = (
     "node, agent_id, session_id, ts_ns, dur_ns, kind, pid, tid, comm, fd, target, ret, "
     "query_id, request_key, inferred, grp, cgroup_id, mono_ns, detail, namespace, pod, container"
