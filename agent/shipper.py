@@ -50,15 +50,24 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
+# How far off the applied collector offset may provably be before it steps, not slews:
+# below this, cross-node order is within what explain tolerates; above it, leaf hops
+# would fall outside their root hop.
+WRONG_NS = 1_000_000
+
+
 class ClockEstimate:
     """Offset of the collector's clock from ours, NTP-style, from the tightest recent
     round trip (batch sent -> ack received).
 
-    The offset applied to batches slews towards that estimate, at most 50 µs per second
-    (a step only for a disagreement past 50 ms, or the first estimate): as samples come
-    and go the estimate moves by up to half a round trip, and a step would shift this
-    node's later events against its earlier ones (a sleep seeming to start before the
-    read that preceded it)."""
+    The offset applied to batches slews towards that estimate, at most 50 µs per second:
+    as samples come and go the estimate moves by up to half a round trip, and a step would
+    shift this node's later events against its earlier ones (a sleep seeming to start
+    before the read that preceded it). It steps only for the first estimate, and when the
+    applied offset is provably more than WRONG_NS off: the true offset lies within half
+    the best round trip of the estimate, so a first ack that waited behind a loaded CPU
+    (a round trip of several ms) is corrected as soon as a tighter one arrives, instead
+    of slewing for a minute."""
 
     def __init__(self, keep: int = 32) -> None:
         self._samples: deque[tuple[int, int]] = deque(maxlen=keep)  # (rtt, offset)
@@ -73,7 +82,7 @@ class ClockEstimate:
         rtt = (t3 - t0) - (t2 - t1)
         self._samples.append((max(rtt, 0), ((t1 - t0) + (t2 - t3)) // 2))
         rtt_best, target = min(self._samples)
-        if not self._at:
+        if not self._at or abs(target - self.offset_ns) > rtt_best // 2 + WRONG_NS:
             self.offset_ns = target
         else:
             room = max(0, received_ns - self._at) * MAX_SLEW_NS // 1_000_000_000

@@ -119,3 +119,23 @@ def test_collector_offset_estimate_slews_as_round_trips_come_and_go() -> None:
     est.add(ack(2 * s, 300_000, 10_000), 2 * s + 10_000)
     assert 0 < est.offset_ns <= MAX_SLEW_NS + 1
     assert est.uncertainty_ns >= 300_000 - est.offset_ns
+
+
+def test_collector_offset_estimate_steps_when_provably_wrong() -> None:
+    from agent.shipper import WRONG_NS, ClockEstimate
+    from qtrace.api.v1 import events_pb2
+
+    est = ClockEstimate(keep=32)
+    s = 10**9
+
+    def ack(sent: int, forward: int, back: int, offset: int) -> events_pb2.BatchAck:
+        t1 = sent + forward + offset
+        return events_pb2.BatchAck(batch_sent_ns=sent, received_ns=t1, sent_ns=t1)
+
+    # The first ack waited 7 ms on the way back (a loaded CPU): the estimate is 3.5 ms off.
+    est.add(ack(1 * s, 50_000, 7_000_000, 8_000_000), 1 * s + 7_050_000)
+    assert abs(est.offset_ns - 8_000_000) > 3 * WRONG_NS
+    # A tight round trip a second later proves it wrong by more than WRONG_NS: step.
+    est.add(ack(2 * s, 50_000, 50_000, 8_000_000), 2 * s + 100_000)
+    assert abs(est.offset_ns - 8_000_000) <= 50_000
+    assert est.uncertainty_ns <= 50_001
