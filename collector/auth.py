@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import socket
 import tomllib
@@ -384,6 +385,21 @@ class Access:
         if who.user is None or who.role == "admin" or s.started_by == who.name:
             return None
         return f"session {s.id} was started by {s.started_by}: only they or an admin may stop it"
+
+    def read_refusal(self, who: Identity, s: sessions_pb2.Session) -> str | None:
+        """What a session saw (events, explanations, captured requests, anomalies) is for
+        whoever started it and whoever could have: a user given namespace A does not read
+        what a session on namespace B recorded."""
+        if who.user is None or who.role == "admin" or s.started_by == who.name:
+            return None
+        if self.start_refusal(who, s.targets) is None:
+            return None
+        mine = ", ".join(who.user.namespaces) or "none"
+        return (
+            f"{who.name} may not read session {s.id}: it traced "
+            f"{json.dumps(_targets_json(s.targets), sort_keys=True)}, outside what "
+            f"{who.name} may trace (namespaces: {mine})"
+        )
 
     def authorize_start(
         self, request: services_pb2.StartSessionRequest, context: grpc.ServicerContext

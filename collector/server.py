@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,14 +344,44 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             s = self.sessions.get(request.session_id)
         except UnknownSession as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        self._may_read(context, [s.id])
         return services_pb2.SessionStatus(session=s, agents=self._stats(s.id))
 
     def ListSessions(
         self, request: services_pb2.ListSessionsRequest, context: grpc.ServicerContext
     ) -> services_pb2.ListSessionsResponse:
+        readable = self._readable(context)
         return services_pb2.ListSessionsResponse(
-            sessions=self.sessions.all(include_ended=request.include_ended)
+            sessions=[
+                s for s in self.sessions.all(include_ended=request.include_ended) if readable(s.id)
+            ]
         )
+
+    def _readable(self, context: grpc.ServicerContext) -> Callable[[str], bool]:
+        """Whether the caller may read what a session (by id) recorded."""
+        return lambda sid: self._read_refusal(context, sid) is None
+
+    def _read_refusal(self, context: grpc.ServicerContext, sid: str) -> str | None:
+        who = self.access.identify(context)
+        if who.user is None or who.role == "admin":
+            return None
+        try:
+            s = self.sessions.get(sid)
+        except UnknownSession:
+            return f"session {sid} is not known to this collector: only an admin may read it"
+        return self.access.read_refusal(who, s)
+
+    def _may_read(self, context: grpc.ServicerContext, session_ids: Iterable[str]) -> None:
+        """Abort with PERMISSION_DENIED unless the caller may read every one of them."""
+        for sid in sorted(set(session_ids)):
+            refusal = self._read_refusal(context, sid)
+            if refusal is not None:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+
+    def _may_read_query(self, context: grpc.ServicerContext, query_id: str) -> None:
+        with self._store_lock:
+            sids = self.store.query_sessions([query_id])[query_id]
+        self._may_read(context, sids)
 
     def _stats(self, session_id: str | None) -> list[services_pb2.SessionAgentStats]:
         with self._store_lock:
@@ -385,8 +415,11 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             ]
         with self._store_lock:
             total = self.store.events_stored()
+        readable = self._readable(context)
         return services_pb2.StatusResponse(
-            agents=agents, sessions=self._stats(None), events_stored=total
+            agents=agents,
+            sessions=[r for r in self._stats(None) if readable(r.session_id)],
+            events_stored=total,
         )
 
     def QueryEvents(
@@ -395,7 +428,9 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         if not request.query_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query_id is empty")
         limit = request.limit or DEFAULT_QUERY_LIMIT
+        self._may_read_query(context, request.query_id)
         self.fetcher.request(request.query_id, wait_s=self.fetch_wait_s)
+        self._may_read_query(context, request.query_id)  # and what the fetch brought
         with self._store_lock:
             events, truncated, _ = self.aligner.events(request.query_id, limit)
         return services_pb2.QueryEventsResponse(
@@ -407,7 +442,9 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
     ) -> services_pb2.ExplainResponse:
         if not request.query_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query_id is empty")
+        self._may_read_query(context, request.query_id)
         self.fetcher.request(request.query_id, wait_s=self.fetch_wait_s)
+        self._may_read_query(context, request.query_id)
         with self._store_lock:
             anomalies = self.store.list_anomalies(query_id=request.query_id)
             try:
@@ -423,6 +460,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             s = self.sessions.get(request.session_id)
         except UnknownSession as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        self._may_read(context, [s.id])
         if not s.capture.requests:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -450,6 +488,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
                     context.abort(grpc.StatusCode.NOT_FOUND, f"anomaly {i}: {e}")
             if problem is not None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"anomaly {i}: {problem}")
+        self._may_read(context, [a.session_id for a in request.anomalies if a.session_id])
         now = time.time_ns()
         stamped = []
         for a in request.anomalies:
@@ -477,8 +516,27 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
     def ListAnomalies(
         self, request: anomalies_pb2.ListAnomaliesRequest, context: grpc.ServicerContext
     ) -> anomalies_pb2.ListAnomaliesResponse:
+        if request.session_id:
+            self._may_read(context, [request.session_id])
         with self._store_lock:
             found = self.store.list_anomalies(request.session_id or None)
+        who = self.access.identify(context)
+        if who.user is not None and who.role != "admin":
+            # An anomaly reported without a session is shown to those who may read every
+            # session that traced its query (none traced it: nothing to hide).
+            readable = self._readable(context)
+            unbound = [a.query_id for a in found if not a.session_id]
+            with self._store_lock:
+                traced_by = self.store.query_sessions(unbound)
+            found = [
+                a
+                for a in found
+                if (
+                    readable(a.session_id)
+                    if a.session_id
+                    else all(readable(sid) for sid in traced_by[a.query_id])
+                )
+            ]
         return anomalies_pb2.ListAnomaliesResponse(anomalies=found)
 
     def watch_latency(self, interval: float = 5.0) -> None:

@@ -558,6 +558,17 @@ class Store:
             ).fetchall()
         return [anomalies_pb2.Anomaly.FromString(r[0]) for r in rows]
 
+    def query_sessions(self, query_ids: list[str]) -> dict[str, set[str]]:
+        """The sessions whose events carry each of these query ids."""
+        found: dict[str, set[str]] = {}
+        with self._lock:
+            for q in dict.fromkeys(query_ids):  # one point lookup each: the query_id index
+                rows = self._con.execute(
+                    "SELECT DISTINCT session_id FROM events WHERE query_id = ?", [q]
+                ).fetchall()
+                found[q] = {str(sid) for (sid,) in rows}
+        return found
+
     def load_sessions(self) -> list[sessions_pb2.Session]:
         with self._lock:
             rows = self._con.execute("SELECT pb FROM sessions ORDER BY id").fetchall()

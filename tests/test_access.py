@@ -20,7 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from collector.auth import AuthConfig, is_loopback_peer
-from qtrace.api.v1 import services_pb2, services_pb2_grpc, sessions_pb2
+from qtrace.api.v1 import (
+    anomalies_pb2,
+    events_pb2,
+    services_pb2,
+    services_pb2_grpc,
+    sessions_pb2,
+)
 from qtrace.certs import CA
 from qtrace.channel import Credentials, describe, open_channel
 from qtrace.errors import QtraceError
@@ -299,6 +305,98 @@ def test_namespaces_started_by_and_the_audit_log(
     mallory = [x for x in refused if x.get("claimed") == "mallory"]
     assert len(mallory) == 4 and all(x["who"] == "alice" and x["via"] == "cert" for x in mallory)
     assert all(x["peer"].startswith("ipv4:127.0.0.1:") for x in lines)
+
+
+def test_users_read_only_what_they_may_trace(pki: dict[str, Path], tls_collector: Served) -> None:
+    addr, d = tls_collector.addr, pki["ours"]
+    alice = control(addr, user_creds(d, "alice"))
+    admin = control(addr, user_creds(d, "admin"))
+
+    def start(stub: Any, ns: str) -> str:
+        req = services_pb2.StartSessionRequest(
+            targets=sessions_pb2.Targets(namespaces=[ns]), duration_ns=60 * 10**9
+        )
+        return str(stub.StartSession(req, timeout=10).id)
+
+    mine, theirs = start(alice, "team-a"), start(admin, "team-b")
+    # One query seen by each session, shipped over mTLS with the agent's certificate.
+    ingest = services_pb2_grpc.AgentServiceStub(open_channel(addr, user_creds(d, "agent")))
+    msgs = [events_pb2.AgentMessage(hello=events_pb2.Hello(agent_id="reader", node="n"))]
+    for seq, (sid, qid) in enumerate(((mine, "q-a"), (theirs, "q-b")), 1):
+        ev = events_pb2.Event(
+            ts_ns=10**18,
+            dur_ns=5,
+            kind="pread64",
+            pid=7,
+            tid=7,
+            mono_ns=1,
+            query_id=qid,
+            has_query_id=True,
+        )
+        b = events_pb2.EventBatch(agent_id="reader", node="n", session_id=sid, seq=seq, events=[ev])
+        msgs.append(events_pb2.AgentMessage(batch=b))
+    acks = [m.ack for m in ingest.Ingest(iter(msgs), timeout=30)]
+    assert [a.seq for a in acks] == [1, 2]
+    admin.ReportAnomalies(
+        anomalies_pb2.ReportAnomaliesRequest(
+            anomalies=[
+                anomalies_pb2.Anomaly(
+                    query_id="q-a", type=anomalies_pb2.ANOMALY_TYPE_MISMATCH, session_id=mine
+                ),
+                anomalies_pb2.Anomaly(
+                    query_id="q-b", type=anomalies_pb2.ANOMALY_TYPE_MISMATCH, session_id=theirs
+                ),
+                anomalies_pb2.Anomaly(
+                    query_id="q-b", type=anomalies_pb2.ANOMALY_TYPE_LATENCY
+                ),  # no session
+            ]
+        ),
+        timeout=10,
+    )
+
+    def refused(call: Any, request: Any) -> str:
+        with pytest.raises(grpc.RpcError) as e:
+            result = call(request, timeout=30)
+            if hasattr(result, "__next__"):  # a stream fails when read
+                list(result)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
+        return e.value.details() or ""
+
+    why = refused(alice.GetSession, services_pb2.SessionRequest(session_id=theirs))
+    assert f"alice may not read session {theirs}" in why and "team-b" in why
+    refused(alice.QueryEvents, services_pb2.QueryEventsRequest(query_id="q-b"))
+    refused(alice.Explain, services_pb2.ExplainRequest(query_id="q-b"))
+    refused(alice.ListAnomalies, anomalies_pb2.ListAnomaliesRequest(session_id=theirs))
+    refused(alice.ListRequests, services_pb2.ListRequestsRequest(session_id=theirs))
+    refused(
+        alice.ReportAnomalies,
+        anomalies_pb2.ReportAnomaliesRequest(
+            anomalies=[
+                anomalies_pb2.Anomaly(
+                    query_id="q-b", type=anomalies_pb2.ANOMALY_TYPE_ERROR, session_id=theirs
+                )
+            ]
+        ),
+    )
+    # What alice lists holds her session only; the admin sees both.
+    listed = alice.ListSessions(services_pb2.ListSessionsRequest(), timeout=10).sessions
+    assert mine in {s.id for s in listed} and theirs not in {s.id for s in listed}
+    status = alice.Status(services_pb2.StatusRequest(), timeout=10)
+    assert theirs not in {r.session_id for r in status.sessions}
+    assert mine in {r.session_id for r in status.sessions}
+    seen = alice.ListAnomalies(anomalies_pb2.ListAnomaliesRequest(), timeout=10).anomalies
+    assert {a.query_id for a in seen} == {"q-a"}, "q-b's session-less report is hidden too"
+    got = alice.QueryEvents(services_pb2.QueryEventsRequest(query_id="q-a"), timeout=30)
+    assert [e.event.query_id for e in got.events] == ["q-a"]
+    every = admin.ListAnomalies(anomalies_pb2.ListAnomaliesRequest(), timeout=10).anomalies
+    assert {"q-a", "q-b"} <= {a.query_id for a in every}
+    assert admin.QueryEvents(services_pb2.QueryEventsRequest(query_id="q-b"), timeout=30).events
+    # The CLI says it in one line.
+    r = cli("explain", "q-b", "--collector", addr, env=creds_env(d, "alice"))
+    assert r.returncode == 2 and r.stderr.startswith("qtrace: permission denied by the collector")
+    assert "may not read session" in r.stderr
+    for sid in (mine, theirs):
+        admin.StopSession(services_pb2.SessionRequest(session_id=sid), timeout=10)
 
 
 def test_tokens_and_auth_required_on_loopback(tmp_path: Path) -> None:

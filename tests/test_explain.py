@@ -126,12 +126,16 @@ def test_injected_causes_rank_first(replayed: Any) -> None:
         else:
             summary_of_top = x["findings"][0]["summary"] if x["findings"] else "no finding"
             wrong.setdefault(fault, []).append(f"{qid}: {summary_of_top}")
-    # Recall per class, as bench/explain_accuracy.py measures it over more queries (1.00
-    # there); a 2-CPU machine this busy can blur a rare case, so the floor is 80%.
+    # Recall, as bench/explain_accuracy.py measures it over more queries (0.97-1.00 there
+    # for these classes). This run injects about three of each, and a 2-CPU machine this
+    # busy can blur one rare case: a class may miss once, never more, and 85% overall.
+    total = 0
     for fault in ("stale-index", "slow", "cpu-starved", "lock-held"):
         n = right[fault] + len(wrong.get(fault, []))
+        total += n
         assert n >= 2, f"too few {fault} faults injected: {n}"
-        assert right[fault] / n >= 0.8, (fault, wrong.get(fault))
+        assert right[fault] >= n - 1, (fault, wrong.get(fault))
+    assert sum(right.values()) / total >= 0.85, wrong
 
 
 def test_normal_queries_get_no_findings(replayed: Any) -> None:
