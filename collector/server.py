@@ -391,6 +391,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
                 st = self.agents.get(r.agent_id)
                 if st is not None:
                     r.duplicates = st.duplicates.get(r.session_id, 0)
+                r.disconnected = not r.complete and (st is None or not st.connected)
                 hist = self._history.get((r.session_id, r.agent_id))
                 if hist is not None:
                     r.history.CopyFrom(hist[0])

@@ -128,6 +128,7 @@ def stats_to_json(a: services_pb2.SessionAgentStats) -> dict[str, Any]:
         "dropped": a.dropped,
         "shed": a.shed,
         "complete": a.complete,
+        "disconnected": a.disconnected,
         "error": a.error or None,
         "drops": drops_to_json(a.drops),
         "history": history_to_json(a),

@@ -66,6 +66,25 @@ def test_resent_batch_is_stored_once(server: tuple[Collector, grpc.Channel]) -> 
     assert collector.store.events_stored() == 9
 
 
+def test_an_agent_gone_before_its_final_batch_shows_disconnected(
+    server: tuple[Collector, grpc.Channel],
+) -> None:
+    _collector, channel = server
+    sid = start_session(channel)
+    ctl = services_pb2_grpc.ControlServiceStub(channel)
+
+    def row() -> services_pb2.SessionAgentStats:
+        (a,) = ctl.GetSession(services_pb2.SessionRequest(session_id=sid), timeout=10).agents
+        return a
+
+    ship(channel, batch(sid, 1))  # and the stream ends, with no final batch
+    assert row().disconnected and not row().complete
+    final = batch(sid, 2)
+    final.final = True
+    ship(channel, final)
+    assert row().complete and not row().disconnected
+
+
 @pytest.mark.parametrize(
     ("bad", "code", "says"),
     [

@@ -232,7 +232,13 @@ def status(
                 "state"):  # fmt: skip
         t.add_column(col, justify="right" if col not in ("node", "agent", "state") else "left")
     for a in obj["agents"]:
-        style = "red" if a["dropped"] or a["error"] else "yellow" if a["shed"] else None
+        style = (
+            "red"
+            if a["dropped"] or a["error"]
+            else "yellow"
+            if a["shed"] or a["disconnected"]
+            else None
+        )
         # An error on an agent still tracing is a condition that may pass (no pod matches
         # yet, RBAC being fixed); on a finished one it is why it could not trace.
         state = (
@@ -240,6 +246,8 @@ def status(
             if a["error"]
             else "complete"
             if a["complete"]
+            else "disconnected"
+            if a["disconnected"]
             else "tracing"
         )
         t.add_row(

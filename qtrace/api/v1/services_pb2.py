@@ -27,7 +27,7 @@ from qtrace.api.v1 import events_pb2 as qtrace_dot_api_dot_v1_dot_events__pb2
 from qtrace.api.v1 import sessions_pb2 as qtrace_dot_api_dot_v1_dot_sessions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cqtrace/api/v1/services.proto\x12\rqtrace.api.v1\x1a\x1dqtrace/api/v1/anomalies.proto\x1a\x1aqtrace/api/v1/events.proto\x1a\x1cqtrace/api/v1/sessions.proto\"\xa7\x02\n\x13StartSessionRequest\x12\'\n\x07targets\x18\x01 \x01(\x0b\x32\x16.qtrace.api.v1.Targets\x12\x0e\n\x06probes\x18\x02 \x03(\t\x12+\n\textractor\x18\x03 \x01(\x0b\x32\x18.qtrace.api.v1.Extractor\x12\x13\n\x0b\x64uration_ns\x18\x04 \x01(\x03\x12\x12\n\nstarted_by\x18\x05 \x01(\t\x12\'\n\x07\x63\x61pture\x18\x06 \x01(\x0b\x32\x16.qtrace.api.v1.Capture\x12\x16\n\x0emax_event_rate\x18\x07 \x01(\x04\x12)\n\x06\x64\x65tail\x18\x08 \x01(\x0e\x32\x19.qtrace.api.v1.DetailMode\x12\x15\n\rhistory_bytes\x18\t \x01(\x04\"$\n\x0eSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\",\n\x13ListSessionsRequest\x12\x15\n\rinclude_ended\x18\x01 \x01(\x08\"@\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.qtrace.api.v1.Session\"\xa4\x01\n\x0b\x41gentStatus\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x14\n\x0c\x63onnected_ns\x18\x04 \x01(\x03\x12\x15\n\rlast_batch_ns\x18\x05 \x01(\x03\x12\x17\n\x0f\x63lock_offset_ns\x18\x06 \x01(\x03\x12\x1c\n\x14\x63lock_uncertainty_ns\x18\x07 \x01(\x03\"\x9d\x02\n\x11SessionAgentStats\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x15\n\revents_stored\x18\x04 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x04\x12\x12\n\nduplicates\x18\x06 \x01(\x04\x12)\n\x05\x64rops\x18\x07 \x03(\x0b\x32\x1a.qtrace.api.v1.DropCounter\x12\x0f\n\x07\x64ropped\x18\x08 \x01(\x04\x12\x10\n\x08\x63omplete\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x0c\n\x04shed\x18\x0b \x01(\x04\x12-\n\x07history\x18\x0c \x01(\x0b\x32\x1c.qtrace.api.v1.HistoryStatus\"j\n\rSessionStatus\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.qtrace.api.v1.Session\x12\x30\n\x06\x61gents\x18\x02 \x03(\x0b\x32 .qtrace.api.v1.SessionAgentStats\"\x0f\n\rStatusRequest\"\x87\x01\n\x0eStatusResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.qtrace.api.v1.AgentStatus\x12\x32\n\x08sessions\x18\x02 \x03(\x0b\x32 .qtrace.api.v1.SessionAgentStats\x12\x15\n\revents_stored\x18\x03 \x01(\x04\"5\n\x12QueryEventsRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"d\n\tNodeEvent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12#\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x14.qtrace.api.v1.Event\"d\n\x13QueryEventsResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12(\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x18.qtrace.api.v1.NodeEvent\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\"\n\x0e\x45xplainRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\x1f\n\x0f\x45xplainResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\")\n\x13ListRequestsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"|\n\x0f\x43\x61pturedRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0c\n\x04\x63omm\x18\x03 \x01(\t\x12\r\n\x05ts_ns\x18\x04 \x01(\x03\x12\x10\n\x08query_id\x18\x05 \x01(\t\x12\x0f\n\x07request\x18\x06 \x01(\x0c\x12\x0e\n\x06target\x18\x07 \x01(\t2\xad\x01\n\x0c\x41gentService\x12J\n\x06Ingest\x12\x1b.qtrace.api.v1.AgentMessage\x1a\x1f.qtrace.api.v1.CollectorMessage(\x01\x30\x01\x12Q\n\rWatchSessions\x12#.qtrace.api.v1.WatchSessionsRequest\x1a\x19.qtrace.api.v1.SessionSet0\x01\x32\xc1\x06\n\x0e\x43ontrolService\x12J\n\x0cStartSession\x12\".qtrace.api.v1.StartSessionRequest\x1a\x16.qtrace.api.v1.Session\x12\x44\n\x0bStopSession\x12\x1d.qtrace.api.v1.SessionRequest\x1a\x16.qtrace.api.v1.Session\x12I\n\nGetSession\x12\x1d.qtrace.api.v1.SessionRequest\x1a\x1c.qtrace.api.v1.SessionStatus\x12W\n\x0cListSessions\x12\".qtrace.api.v1.ListSessionsRequest\x1a#.qtrace.api.v1.ListSessionsResponse\x12\x45\n\x06Status\x12\x1c.qtrace.api.v1.StatusRequest\x1a\x1d.qtrace.api.v1.StatusResponse\x12T\n\x0bQueryEvents\x12!.qtrace.api.v1.QueryEventsRequest\x1a\".qtrace.api.v1.QueryEventsResponse\x12T\n\x0cListRequests\x12\".qtrace.api.v1.ListRequestsRequest\x1a\x1e.qtrace.api.v1.CapturedRequest0\x01\x12H\n\x07\x45xplain\x12\x1d.qtrace.api.v1.ExplainRequest\x1a\x1e.qtrace.api.v1.ExplainResponse\x12`\n\x0fReportAnomalies\x12%.qtrace.api.v1.ReportAnomaliesRequest\x1a&.qtrace.api.v1.ReportAnomaliesResponse\x12Z\n\rListAnomalies\x12#.qtrace.api.v1.ListAnomaliesRequest\x1a$.qtrace.api.v1.ListAnomaliesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cqtrace/api/v1/services.proto\x12\rqtrace.api.v1\x1a\x1dqtrace/api/v1/anomalies.proto\x1a\x1aqtrace/api/v1/events.proto\x1a\x1cqtrace/api/v1/sessions.proto\"\xa7\x02\n\x13StartSessionRequest\x12\'\n\x07targets\x18\x01 \x01(\x0b\x32\x16.qtrace.api.v1.Targets\x12\x0e\n\x06probes\x18\x02 \x03(\t\x12+\n\textractor\x18\x03 \x01(\x0b\x32\x18.qtrace.api.v1.Extractor\x12\x13\n\x0b\x64uration_ns\x18\x04 \x01(\x03\x12\x12\n\nstarted_by\x18\x05 \x01(\t\x12\'\n\x07\x63\x61pture\x18\x06 \x01(\x0b\x32\x16.qtrace.api.v1.Capture\x12\x16\n\x0emax_event_rate\x18\x07 \x01(\x04\x12)\n\x06\x64\x65tail\x18\x08 \x01(\x0e\x32\x19.qtrace.api.v1.DetailMode\x12\x15\n\rhistory_bytes\x18\t \x01(\x04\"$\n\x0eSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\",\n\x13ListSessionsRequest\x12\x15\n\rinclude_ended\x18\x01 \x01(\x08\"@\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.qtrace.api.v1.Session\"\xa4\x01\n\x0b\x41gentStatus\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x14\n\x0c\x63onnected_ns\x18\x04 \x01(\x03\x12\x15\n\rlast_batch_ns\x18\x05 \x01(\x03\x12\x17\n\x0f\x63lock_offset_ns\x18\x06 \x01(\x03\x12\x1c\n\x14\x63lock_uncertainty_ns\x18\x07 \x01(\x03\"\xb3\x02\n\x11SessionAgentStats\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x15\n\revents_stored\x18\x04 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x04\x12\x12\n\nduplicates\x18\x06 \x01(\x04\x12)\n\x05\x64rops\x18\x07 \x03(\x0b\x32\x1a.qtrace.api.v1.DropCounter\x12\x0f\n\x07\x64ropped\x18\x08 \x01(\x04\x12\x10\n\x08\x63omplete\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x0c\n\x04shed\x18\x0b \x01(\x04\x12-\n\x07history\x18\x0c \x01(\x0b\x32\x1c.qtrace.api.v1.HistoryStatus\x12\x14\n\x0c\x64isconnected\x18\r \x01(\x08\"j\n\rSessionStatus\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.qtrace.api.v1.Session\x12\x30\n\x06\x61gents\x18\x02 \x03(\x0b\x32 .qtrace.api.v1.SessionAgentStats\"\x0f\n\rStatusRequest\"\x87\x01\n\x0eStatusResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.qtrace.api.v1.AgentStatus\x12\x32\n\x08sessions\x18\x02 \x03(\x0b\x32 .qtrace.api.v1.SessionAgentStats\x12\x15\n\revents_stored\x18\x03 \x01(\x04\"5\n\x12QueryEventsRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"d\n\tNodeEvent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12#\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x14.qtrace.api.v1.Event\"d\n\x13QueryEventsResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12(\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x18.qtrace.api.v1.NodeEvent\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\"\n\x0e\x45xplainRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\x1f\n\x0f\x45xplainResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\")\n\x13ListRequestsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"|\n\x0f\x43\x61pturedRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0c\n\x04\x63omm\x18\x03 \x01(\t\x12\r\n\x05ts_ns\x18\x04 \x01(\x03\x12\x10\n\x08query_id\x18\x05 \x01(\t\x12\x0f\n\x07request\x18\x06 \x01(\x0c\x12\x0e\n\x06target\x18\x07 \x01(\t2\xad\x01\n\x0c\x41gentService\x12J\n\x06Ingest\x12\x1b.qtrace.api.v1.AgentMessage\x1a\x1f.qtrace.api.v1.CollectorMessage(\x01\x30\x01\x12Q\n\rWatchSessions\x12#.qtrace.api.v1.WatchSessionsRequest\x1a\x19.qtrace.api.v1.SessionSet0\x01\x32\xc1\x06\n\x0e\x43ontrolService\x12J\n\x0cStartSession\x12\".qtrace.api.v1.StartSessionRequest\x1a\x16.qtrace.api.v1.Session\x12\x44\n\x0bStopSession\x12\x1d.qtrace.api.v1.SessionRequest\x1a\x16.qtrace.api.v1.Session\x12I\n\nGetSession\x12\x1d.qtrace.api.v1.SessionRequest\x1a\x1c.qtrace.api.v1.SessionStatus\x12W\n\x0cListSessions\x12\".qtrace.api.v1.ListSessionsRequest\x1a#.qtrace.api.v1.ListSessionsResponse\x12\x45\n\x06Status\x12\x1c.qtrace.api.v1.StatusRequest\x1a\x1d.qtrace.api.v1.StatusResponse\x12T\n\x0bQueryEvents\x12!.qtrace.api.v1.QueryEventsRequest\x1a\".qtrace.api.v1.QueryEventsResponse\x12T\n\x0cListRequests\x12\".qtrace.api.v1.ListRequestsRequest\x1a\x1e.qtrace.api.v1.CapturedRequest0\x01\x12H\n\x07\x45xplain\x12\x1d.qtrace.api.v1.ExplainRequest\x1a\x1e.qtrace.api.v1.ExplainResponse\x12`\n\x0fReportAnomalies\x12%.qtrace.api.v1.ReportAnomaliesRequest\x1a&.qtrace.api.v1.ReportAnomaliesResponse\x12Z\n\rListAnomalies\x12#.qtrace.api.v1.ListAnomaliesRequest\x1a$.qtrace.api.v1.ListAnomaliesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,29 +45,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTSTATUS']._serialized_start=585
   _globals['_AGENTSTATUS']._serialized_end=749
   _globals['_SESSIONAGENTSTATS']._serialized_start=752
-  _globals['_SESSIONAGENTSTATS']._serialized_end=1037
-  _globals['_SESSIONSTATUS']._serialized_start=1039
-  _globals['_SESSIONSTATUS']._serialized_end=1145
-  _globals['_STATUSREQUEST']._serialized_start=1147
-  _globals['_STATUSREQUEST']._serialized_end=1162
-  _globals['_STATUSRESPONSE']._serialized_start=1165
-  _globals['_STATUSRESPONSE']._serialized_end=1300
-  _globals['_QUERYEVENTSREQUEST']._serialized_start=1302
-  _globals['_QUERYEVENTSREQUEST']._serialized_end=1355
-  _globals['_NODEEVENT']._serialized_start=1357
-  _globals['_NODEEVENT']._serialized_end=1457
-  _globals['_QUERYEVENTSRESPONSE']._serialized_start=1459
-  _globals['_QUERYEVENTSRESPONSE']._serialized_end=1559
-  _globals['_EXPLAINREQUEST']._serialized_start=1561
-  _globals['_EXPLAINREQUEST']._serialized_end=1595
-  _globals['_EXPLAINRESPONSE']._serialized_start=1597
-  _globals['_EXPLAINRESPONSE']._serialized_end=1628
-  _globals['_LISTREQUESTSREQUEST']._serialized_start=1630
-  _globals['_LISTREQUESTSREQUEST']._serialized_end=1671
-  _globals['_CAPTUREDREQUEST']._serialized_start=1673
-  _globals['_CAPTUREDREQUEST']._serialized_end=1797
-  _globals['_AGENTSERVICE']._serialized_start=1800
-  _globals['_AGENTSERVICE']._serialized_end=1973
-  _globals['_CONTROLSERVICE']._serialized_start=1976
-  _globals['_CONTROLSERVICE']._serialized_end=2809
+  _globals['_SESSIONAGENTSTATS']._serialized_end=1059
+  _globals['_SESSIONSTATUS']._serialized_start=1061
+  _globals['_SESSIONSTATUS']._serialized_end=1167
+  _globals['_STATUSREQUEST']._serialized_start=1169
+  _globals['_STATUSREQUEST']._serialized_end=1184
+  _globals['_STATUSRESPONSE']._serialized_start=1187
+  _globals['_STATUSRESPONSE']._serialized_end=1322
+  _globals['_QUERYEVENTSREQUEST']._serialized_start=1324
+  _globals['_QUERYEVENTSREQUEST']._serialized_end=1377
+  _globals['_NODEEVENT']._serialized_start=1379
+  _globals['_NODEEVENT']._serialized_end=1479
+  _globals['_QUERYEVENTSRESPONSE']._serialized_start=1481
+  _globals['_QUERYEVENTSRESPONSE']._serialized_end=1581
+  _globals['_EXPLAINREQUEST']._serialized_start=1583
+  _globals['_EXPLAINREQUEST']._serialized_end=1617
+  _globals['_EXPLAINRESPONSE']._serialized_start=1619
+  _globals['_EXPLAINRESPONSE']._serialized_end=1650
+  _globals['_LISTREQUESTSREQUEST']._serialized_start=1652
+  _globals['_LISTREQUESTSREQUEST']._serialized_end=1693
+  _globals['_CAPTUREDREQUEST']._serialized_start=1695
+  _globals['_CAPTUREDREQUEST']._serialized_end=1819
+  _globals['_AGENTSERVICE']._serialized_start=1822
+  _globals['_AGENTSERVICE']._serialized_end=1995
+  _globals['_CONTROLSERVICE']._serialized_start=1998
+  _globals['_CONTROLSERVICE']._serialized_end=2831
 # @@protoc_insertion_point(module_scope)

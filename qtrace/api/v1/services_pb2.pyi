@@ -179,6 +179,7 @@ class SessionAgentStats(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     SHED_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    DISCONNECTED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     agent_id: _builtins.str
     node: _builtins.str
@@ -193,6 +194,10 @@ class SessionAgentStats(_message.Message):
     """why the agent could not trace the session, if it could not"""
     shed: _builtins.int
     """events over the session's rate limit (see DropCounter.shed)"""
+    disconnected: _builtins.bool
+    """Not complete, and the agent's stream is down (or it has not come back since the
+    collector started): what it spooled arrives when it reconnects; a dead node sends none.
+    """
     @_builtins.property
     def drops(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.DropCounter]: ...
     @_builtins.property
@@ -214,10 +219,11 @@ class SessionAgentStats(_message.Message):
         error: _builtins.str = ...,
         shed: _builtins.int = ...,
         history: _events_pb2.HistoryStatus | None = ...,
+        disconnected: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["history", b"history"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "batches", b"batches", "complete", b"complete", "dropped", b"dropped", "drops", b"drops", "duplicates", b"duplicates", "error", b"error", "events_stored", b"events_stored", "history", b"history", "node", b"node", "session_id", b"session_id", "shed", b"shed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "batches", b"batches", "complete", b"complete", "disconnected", b"disconnected", "dropped", b"dropped", "drops", b"drops", "duplicates", b"duplicates", "error", b"error", "events_stored", b"events_stored", "history", b"history", "node", b"node", "session_id", b"session_id", "shed", b"shed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
