@@ -1266,11 +1266,11 @@ int qt_blk_complete(struct tracepoint__block__block_rq_complete *args)
  * Only threads serving a request (those with a request key) are followed, so the cost on
  * every context switch of the node is one or two hash lookups. */
 
-static __always_inline void became_runnable(u32 tid)
+static __always_inline void became_runnable(u32 tid, struct qt_thread *t)
 {
+	(void)t;
 #if QT_SCHED
-	struct qt_thread *t = threads.lookup(&tid);
-	if (!t || !t->req_key)
+	if (!t->req_key)
 		return;
 	struct qt_runq r = {.since = bpf_ktime_get_ns(), .cgroup_id = 0};
 	runq.update(&tid, &r);
@@ -1280,12 +1280,9 @@ static __always_inline void became_runnable(u32 tid)
 /* A request thread goes to sleep. Inside a traced syscall that syscall's event has the
  * time; otherwise it is a page fault's I/O (memory group: a fault just before, and an
  * uninterruptible sleep) or some other sleep (sched group). */
-static __always_inline void went_to_sleep(u32 tid, u64 now, long state)
+static __always_inline void went_to_sleep(u32 tid, u64 now, long state, struct qt_thread *t)
 {
-	if (inflight.lookup(&tid) || mmwait.lookup(&tid))
-		return;
-	struct qt_thread *t = threads.lookup(&tid);
-	if (!t || !t->req_key)
+	if (!t->req_key || inflight.lookup(&tid) || mmwait.lookup(&tid))
 		return;
 	struct qt_sleep sl = {.since = now, .tgid = t->tgid};
 #if QT_MEMORY
@@ -1342,16 +1339,25 @@ static __always_inline void woke(u32 tid, const char *comm)
 	submit(e, 0);
 }
 
+/* Sleeps and CPU waits are followed only for threads that served a request (they have a
+ * `threads` entry): for every other wakeup on the node, one lookup is all. */
 int qt_wakeup(struct tracepoint__sched__sched_wakeup *args)
 {
-	woke(args->pid, args->comm);
-	became_runnable(args->pid);
+	u32 tid = args->pid;
+	struct qt_thread *t = threads.lookup(&tid);
+	if (!t)
+		return 0;
+	woke(tid, args->comm);
+	became_runnable(tid, t);
 	return 0;
 }
 
 int qt_wakeup_new(struct tracepoint__sched__sched_wakeup_new *args)
 {
-	became_runnable(args->pid);
+	u32 tid = args->pid;
+	struct qt_thread *t = threads.lookup(&tid);
+	if (t)
+		became_runnable(tid, t);
 	return 0;
 }
 
@@ -1484,11 +1490,14 @@ int qt_switch(struct tracepoint__sched__sched_switch *args)
 	/* Preempted while runnable: it waits from now, with no wakeup to say so. Going to
 	 * sleep: any wakeup recorded while it was still running (the kernel traces those
 	 * too) is void, or the next real wait would seem to start then. */
-	if (args->prev_state == 0) {
-		became_runnable(prev);
-	} else {
+	/* Only threads that served a request have waits to follow: every other switch on
+	 * the node (most of them) costs one lookup here. */
+	struct qt_thread *pt = threads.lookup(&prev);
+	if (pt && args->prev_state == 0) {
+		became_runnable(prev, pt);
+	} else if (pt) {
 		runq.delete(&prev);
-		went_to_sleep(prev, sw, args->prev_state);
+		went_to_sleep(prev, sw, args->prev_state, pt);
 	}
 #if !QT_SCHED
 	return 0;
