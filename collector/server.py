@@ -43,6 +43,8 @@ MAX_BATCH_EVENTS = 50_000
 MAX_FIELD_BYTES = 64 * 1024
 DEFAULT_QUERY_LIMIT = 100_000
 INT64_MAX = 2**63 - 1
+# An agent disconnected this long is dropped from `status` (its sessions' rows stay).
+FORGET_AGENTS_NS = 3600 * 10**9
 
 
 @dataclass
@@ -51,6 +53,7 @@ class AgentState:
     node: str
     connected: bool = True
     connected_ns: int = field(default_factory=time.time_ns)
+    disconnected_ns: int = 0
     last_batch_ns: int = 0
     clock_offset_ns: int = 0
     clock_uncertainty_ns: int = 0
@@ -154,6 +157,7 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         self.aligner = Aligner(store)
         self._stopping = threading.Event()
         self.latency_factor = DEFAULT_FACTOR
+        self.forget_agents_ns = FORGET_AGENTS_NS
         self.latency_min_excess_ns = DEFAULT_MIN_EXCESS_NS
         self.fetcher = Fetcher(store, self._store_lock, self._agent)
         # Flight recorder sessions: each agent's history, as its latest batch said.
@@ -215,10 +219,20 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         finally:
             if holder:
                 holder[0].connected = False
+                holder[0].disconnected_ns = time.time_ns()
                 holder[0].outbox = None
 
     def _hello(self, hello: events_pb2.Hello, outbox: queue.Queue[Any]) -> AgentState:
         with self._lock:
+            # Every agent start is a new id (a DaemonSet rolls, a node reboots): forget the
+            # ones long gone, or `status` and this table grow for as long as we run.
+            now = time.time_ns()
+            for gone in [
+                a.agent_id
+                for a in self.agents.values()
+                if not a.connected and now - a.disconnected_ns > self.forget_agents_ns
+            ]:
+                del self.agents[gone]
             state = self.agents.get(hello.agent_id)
             if state is None:
                 state = self.agents[hello.agent_id] = AgentState(hello.agent_id, hello.node)

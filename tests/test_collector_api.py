@@ -85,6 +85,21 @@ def test_an_agent_gone_before_its_final_batch_shows_disconnected(
     assert row().complete and not row().disconnected
 
 
+def test_agents_long_gone_are_forgotten(server: tuple[Collector, grpc.Channel]) -> None:
+    collector, channel = server
+    sid = start_session(channel)
+    ctl = services_pb2_grpc.ControlServiceStub(channel)
+    ship(channel, batch(sid, 1))  # agent a1 comes and goes
+    assert [a.agent_id for a in ctl.Status(services_pb2.StatusRequest()).agents] == ["a1"]
+    collector.forget_agents_ns = 0  # "long" is an hour in production
+    stub = services_pb2_grpc.AgentServiceStub(channel)
+    hello = events_pb2.AgentMessage(hello=events_pb2.Hello(agent_id="a2", node="n"))
+    list(stub.Ingest(iter([hello]), timeout=30))
+    assert [a.agent_id for a in ctl.Status(services_pb2.StatusRequest()).agents] == ["a2"]
+    (row,) = ctl.GetSession(services_pb2.SessionRequest(session_id=sid)).agents
+    assert row.agent_id == "a1" and row.disconnected, "its session row stays, disconnected"
+
+
 @pytest.mark.parametrize(
     ("bad", "code", "says"),
     [
