@@ -10,7 +10,6 @@ and the width left is the uncertainty that a timeline carries."""
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 from collector.store import Store
@@ -27,37 +26,70 @@ class Alignment:
 
 
 def solve(bounds: list[tuple[str, str, int]]) -> Alignment:
-    """Shift every node against the node that talks to the most others (the root's):
-    for each, the interval (lo, hi) its shift must lie in, and the point of it nearest 0."""
-    if not bounds:
+    """Shift every node so that each pair's bound holds, moving each as little as it can.
+
+    A bound (x, y, b) says shift(y) - shift(x) > b. Bounds chain: a leaf that only talks
+    to a mid-tier service is bounded through it. The node that talks to the most others
+    (the root's) stays put; the others are fixed one by one, nearest first, each at the
+    point nearest 0 of the interval that every bound, through every chain, leaves it once
+    the nodes before it are fixed (difference constraints: such a point always extends to
+    a solution). A pair whose own bounds contradict each other (a clock stepped
+    mid-session) is left out; if longer chains still contradict, nothing moves and the NTP
+    offsets stand."""
+    need: dict[tuple[str, str], int] = {}  # shift(y) - shift(x) >= need[(x, y)]
+    for x, y, b in bounds:
+        if x != y:
+            need[(x, y)] = max(need.get((x, y), b + 1), b + 1)
+    for x, y in list(need):
+        if (y, x) in need and need[(x, y)] + need[(y, x)] > 0:
+            del need[(x, y)], need[(y, x)]
+    if not need:
         return Alignment({}, 0)
-    degree: Counter[str] = Counter()
-    for a, b, _ in bounds:
-        degree[a] += 1
-        degree[b] += 1
-    ref = max(sorted(degree), key=lambda n: degree[n])
-    lo: dict[str, int] = {}
-    hi: dict[str, int] = {}
-    for x, y, bound in bounds:
-        if x == ref:  # shift(y) > bound
-            lo[y] = max(lo.get(y, bound), bound)
-        elif y == ref:  # shift(ref) - shift(x) > bound, so shift(x) < -bound
-            hi[x] = min(hi.get(x, -bound), -bound)
-    shifts: dict[str, int] = {}
+    peers: dict[str, set[str]] = {}
+    for x, y in need:
+        peers.setdefault(x, set()).add(y)
+        peers.setdefault(y, set()).add(x)
+    degree = {n: len(p) for n, p in peers.items()}
+    nodes = sorted(degree)
+    ref = max(nodes, key=lambda n: degree[n])
+    # longest[x][y]: the most that shift(y) - shift(x) must be, over every chain.
+    longest = {x: {y: (0 if x == y else None) for y in nodes} for x in nodes}
+    for (x, y), v in need.items():
+        longest[x][y] = v
+    for k in nodes:
+        for x in nodes:
+            xk = longest[x][k]
+            if xk is None:
+                continue
+            row = longest[x]
+            for y in nodes:
+                ky, xy = longest[k][y], row[y]
+                if ky is not None and (xy is None or xk + ky > xy):
+                    row[y] = xk + ky
+    if any((longest[n][n] or 0) > 0 for n in nodes):
+        return Alignment({}, 0, ref)  # contradictory along a chain: trust NTP
+
+    def interval(node: str, fixed: dict[str, int]) -> tuple[int | None, int | None]:
+        lows = [s + d for f, s in fixed.items() if (d := longest[f][node]) is not None]
+        highs = [s - d for f, s in fixed.items() if (d := longest[node][f]) is not None]
+        return (max(lows) if lows else None), (min(highs) if highs else None)
+
+    fixed = {ref: 0}
     width = 0
-    for node in set(lo) | set(hi):
-        low, high = lo.get(node), hi.get(node)
-        if low is not None and high is not None and low > high:
-            continue  # contradictory (a clock stepped mid-session): trust the NTP offset
-        shift = 0
-        if low is not None and shift <= low:
-            shift = low + 1
-        if high is not None and shift >= high:
-            shift = high - 1
-        shifts[node] = shift
+    for node in sorted(nodes, key=lambda n: (n != ref, -degree[n], n)):
+        if node == ref:
+            continue
+        low, high = interval(node, {ref: 0})
         if low is not None and high is not None:
-            width = max(width, high - low)
-    return Alignment(shifts, width, ref)
+            width = max(width, high - low + 2)  # the open interval the bounds leave
+        low, high = interval(node, fixed)
+        shift = 0
+        if low is not None and shift < low:
+            shift = low
+        if high is not None and shift > high:
+            shift = high
+        fixed[node] = shift
+    return Alignment({n: s for n, s in fixed.items() if n != ref}, width, ref)
 
 
 class Aligner:

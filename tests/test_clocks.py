@@ -50,6 +50,29 @@ def test_solve_moves_a_node_to_the_nearest_consistent_shift() -> None:
     assert not any(solve([("root", "leaf", 5 * MS), ("leaf", "root", 5 * MS)]).shifts.values())
 
 
+def test_solve_follows_chains_of_nodes() -> None:
+    # The root talks to two mid-tier nodes; "deep" talks only to mid-a, whose clock is
+    # 3 ms behind the root's; deep's is 7 ms behind mid-a's (10 ms behind the root's).
+    bounds = [
+        ("root", "mid-a", 2 * MS), ("mid-a", "root", -4 * MS),
+        ("root", "mid-b", -1 * MS), ("mid-b", "root", -1 * MS),
+        ("root", "mid-c", -1 * MS), ("mid-c", "root", -1 * MS),
+        ("mid-a", "deep", 6 * MS), ("deep", "mid-a", -8 * MS),
+    ]  # fmt: skip
+    a = solve(bounds)
+    assert a.reference == "root"
+    assert 2 * MS < relative(a.shifts, "mid-a", "root") < 4 * MS
+    assert 6 * MS < relative(a.shifts, "deep", "mid-a") < 8 * MS, a.shifts
+    assert 8 * MS < relative(a.shifts, "deep", "root") < 12 * MS
+    assert relative(a.shifts, "mid-b", "root") == 0
+    for x, y, b in bounds:  # every pair's bound holds after the shifts
+        assert relative(a.shifts, y, x) > b, (x, y)
+    assert 4 * MS - 10 <= a.uncertainty_ns <= 4 * MS  # deep, through mid-a: (8 ms, 12 ms)
+    # A contradiction along a chain (each pair fine alone): nothing moves.
+    cycle = [("root", "mid-a", 2 * MS), ("mid-a", "deep", 2 * MS), ("deep", "root", 2 * MS)]
+    assert not any(solve(cycle).shifts.values())
+
+
 def relative(shifts: dict[str, int], node: str, ref: str) -> int:
     return shifts.get(node, 0) - shifts.get(ref, 0)
 
