@@ -206,12 +206,26 @@ static __always_inline void count(u16 kind, int c)
 		(*v)++;
 }
 
+#if QT_NODE
+/* Processes traced through their cgroup (pods), learned as they make syscalls: the node
+ * group watches their /proc entries as it does those of processes traced by pid. */
+BPF_TABLE("lru_hash", u32, u8, cgroup_tgids, 16384);
+#endif
+
 static __always_inline int traced(u32 tgid)
 {
 	if (traced_tgids.lookup(&tgid))
 		return 1;
 	u64 cg = bpf_get_current_cgroup_id();
-	return traced_cgroups.lookup(&cg) != 0;
+	if (!traced_cgroups.lookup(&cg))
+		return 0;
+#if QT_NODE
+	if (!cgroup_tgids.lookup(&tgid)) {
+		u8 one = 1;
+		cgroup_tgids.update(&tgid, &one);
+	}
+#endif
+	return 1;
 }
 
 static __always_inline int admit(u16 kind)
@@ -729,7 +743,7 @@ static __always_inline int watched_path(const u8 *p)
 			pid = pid * 10 + (c - '0');
 			digits++;
 		}
-		if (digits && traced_tgids.lookup(&pid))
+		if (digits && (traced_tgids.lookup(&pid) || cgroup_tgids.lookup(&pid)))
 			return 2;
 	}
 	u32 h = name_hash(p);
@@ -1065,6 +1079,9 @@ int qt_exit(struct tracepoint__sched__sched_process_exit *args)
 	if (args->group_dead) {
 		u32 tgid = bpf_get_current_pid_tgid() >> 32;
 		traced_tgids.delete(&tgid);
+#if QT_NODE
+		cgroup_tgids.delete(&tgid);
+#endif
 	}
 	return 0;
 }

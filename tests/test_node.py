@@ -134,6 +134,36 @@ def test_a_neighbour_reading_a_target_proc_entry_is_seen(
     assert any(e.kind == "read" and e.target == f"/proc/{pid}/status" for e in mine)
 
 
+def test_a_neighbour_reading_a_pods_proc_entry_is_seen(
+    workload: tuple[Workload, Path], tmp_path: Path, neighbours: list[subprocess.Popen[str]]
+) -> None:
+    from agent.targets import cgroup2_root
+
+    w, _path = workload
+    pid = w.proc.pid
+    cg = cgroup2_root() / f"qtrace-node-{os.getpid()}"  # the pod's container cgroup
+    cg.mkdir()
+    try:
+        (cg / "cgroup.procs").write_text(str(pid))
+        spec = TargetSpec(cgroups=[str(cg)])
+        with background_tracer(spec, None, NODE) as (_tracer, sink):
+            # Its syscalls are how the kernel learns the process is a target's.
+            def seen() -> bool:
+                w.do("pread 1")
+                return bool(of(sink.events, pid))
+
+            wait_for(seen, 30, "the pod's events")
+            reader = spawn(neighbours, f"open('/proc/{pid}/status').read()", tmp_path)
+            n = len(sink.events)
+            w.do("pread 1")  # an event after the reader's: drained once this one is
+            wait_for(lambda: bool(of(sink.events[n:], pid)), 10, "drain")
+        (cg.parent / "cgroup.procs").write_text(str(pid))
+    finally:
+        cg.rmdir()
+    mine = of(sink.events, reader)
+    assert {e.target for e in mine if e.kind == "openat"} == {f"/proc/{pid}/status"}
+
+
 def test_neighbour_disk_io_on_a_target_disk_is_seen(
     workload: tuple[Workload, Path], tmp_path: Path, neighbours: list[subprocess.Popen[str]]
 ) -> None:
