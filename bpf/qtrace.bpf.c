@@ -1504,11 +1504,11 @@ int qt_switch(struct tracepoint__sched__sched_switch *args)
 		cur->since = sw;
 		cur->pid = next;
 	}
-	/* Preempted while runnable: it waits from now, with no wakeup to say so. Going to
-	 * sleep: any wakeup recorded while it was still running (the kernel traces those
-	 * too) is void, or the next real wait would seem to start then. */
 	/* Only threads that served a request have waits to follow: every other switch on
-	 * the node (most of them) costs one lookup here. */
+	 * the node (most of them) costs one lookup here. Preempted while runnable: it waits
+	 * from now, with no wakeup to say so. Going to sleep: any wakeup recorded while it
+	 * was still running (the kernel traces those too) is void, or the next real wait
+	 * would seem to start then. */
 	struct qt_thread *pt = threads.lookup(&prev);
 	if (pt && args->prev_state == 0) {
 		became_runnable(prev, pt);
