@@ -40,7 +40,6 @@ _TCP = (_K["inet_sock_set_state"], _K["tcp_retransmit_skb"])
 _MEMORY = (_K["page_fault"], _K["mmap_lock"])
 _LOCKS = (_K["flock"], _K["fcntl"])
 _PROC_PID = re.compile(r"^/proc/(\d+)(/|$)")
-CGROUP_TGIDS = 16384  # bpf/qtrace.bpf.c: cgroup_tgids
 
 
 MAX_PATHS = 200_000
@@ -116,9 +115,6 @@ class Decoder:
         self.lock_paths: set[str] = set()
         self.context_skipped = 0
         self.is_target: Callable[[int, int], bool] = lambda tgid, cgroup_id: True
-        # Processes seen in a traced cgroup (pods): their /proc entries are the targets'
-        # as much as those of processes traced by pid. Bounded as the kernel's map is.
-        self._cgroup_tgids: dict[int, None] = {}
         # Node group: the targets' files are taught to the kernel as they show up, and
         # what neighbours did to them is kept (what merely shares a base name is not).
         self.node_context = False
@@ -340,10 +336,6 @@ class Decoder:
             return True
         paths = target.split(" => ") if kind in _RENAMES else [target]
         if self.is_target(tgid, cgroup_id):
-            if cgroup_id > 0 and tgid not in self._cgroup_tgids:
-                self._cgroup_tgids[tgid] = None
-                if len(self._cgroup_tgids) > CGROUP_TGIDS:
-                    del self._cgroup_tgids[next(iter(self._cgroup_tgids))]
             for path in paths:
                 if path.startswith("/") and path not in self.watched and "/proc/" not in path:
                     self.watched.add(path)
@@ -353,9 +345,7 @@ class Decoder:
             return True  # lock context filters itself
         for path in paths:
             m = _PROC_PID.match(path)
-            if m and (int(m.group(1)) in self._cgroup_tgids or self.is_target(int(m.group(1)), -1)):
-                return True
-            if path in self.watched:
+            if path in self.watched or (m and self.is_target(int(m.group(1)), -1)):
                 return True
         if kind == _K["openat"] and fd >= 0:
             self.unwatch_fd(tgid, fd)  # same base name, another file: stop following it

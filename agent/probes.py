@@ -222,6 +222,15 @@ class Probes:
         with contextlib.suppress(Exception):  # a full map: that disk's I/O is not seen
             self._bpf[b"watched_devs"][ctypes.c_uint32(dev)] = ctypes.c_uint8(1)
 
+    def in_traced_cgroup(self, tgid: int) -> bool:
+        """Node group: whether the kernel has seen this process make a syscall from a
+        traced cgroup (a pod's), so that its /proc entries are the targets'."""
+        try:
+            self._bpf[b"cgroup_tgids"][ctypes.c_uint32(tgid)]
+        except KeyError:  # not seen, or no node group (then the map does not exist)
+            return False
+        return True
+
     def unwatch_fd(self, tgid: int, fd: int) -> None:
         """A neighbour's fd whose base name matched but whose file is not a target's."""
         leaf = self._fds.Leaf()

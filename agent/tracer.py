@@ -131,8 +131,12 @@ class Tracer:
             self.capture,
             capture_limit=self.probe_config.capture_bytes,
         )
+        # A cgroup id of -1 (a pid named in a /proc path): the kernel knows which
+        # processes it saw in a traced cgroup.
         decoder.is_target = lambda tgid, cgroup_id: (
-            tgid in self._targets or cgroup_id in self._cgroups
+            tgid in self._targets
+            or cgroup_id in self._cgroups
+            or (cgroup_id == -1 and probes.in_traced_cgroup(tgid))
         )
         if self.spec.comms or self.spec.cmdlines:
             probes.watch_exec(True)

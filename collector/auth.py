@@ -166,6 +166,12 @@ class Identity:
     def authenticated(self) -> bool:
         return self.user is not None
 
+    @property
+    def unrestricted(self) -> bool:
+        """An admin, or the unauthenticated local administrator: every namespace, every
+        session, to start, stop and read."""
+        return self.user is None or self.role == "admin"
+
     def audit(self) -> dict[str, Any]:
         return {"who": self.name, "role": self.role, "via": self.via, "peer": self.peer}
 
@@ -366,11 +372,12 @@ class Access:
     # -- sessions -------------------------------------------------------------------------
 
     def start_refusal(self, who: Identity, t: sessions_pb2.Targets) -> str | None:
-        if who.user is None or who.role == "admin":
+        user = who.user
+        if user is None or who.unrestricted:
             return None
-        allowed = who.user.namespaces
+        allowed = user.namespaces
         host_level = bool(t.pids or t.comms or t.cgroups or t.cmdline_regexes)
-        if (host_level or not t.namespaces) and not (who.user.host or ANY_NAMESPACE in allowed):
+        if (host_level or not t.namespaces) and not (user.host or ANY_NAMESPACE in allowed):
             what = HOST_TARGETS if host_level else "targets without a namespace"
             return f"{who.name} may not trace {what}: that needs host = true in the auth config"
         if ANY_NAMESPACE in allowed:
@@ -382,7 +389,7 @@ class Access:
         return None
 
     def stop_refusal(self, who: Identity, s: sessions_pb2.Session) -> str | None:
-        if who.user is None or who.role == "admin" or s.started_by == who.name:
+        if who.unrestricted or s.started_by == who.name:
             return None
         return f"session {s.id} was started by {s.started_by}: only they or an admin may stop it"
 
@@ -390,11 +397,12 @@ class Access:
         """What a session saw (events, explanations, captured requests, anomalies) is for
         whoever started it and whoever could have: a user given namespace A does not read
         what a session on namespace B recorded."""
-        if who.user is None or who.role == "admin" or s.started_by == who.name:
+        user = who.user
+        if user is None or who.unrestricted or s.started_by == who.name:
             return None
         if self.start_refusal(who, s.targets) is None:
             return None
-        mine = ", ".join(who.user.namespaces) or "none"
+        mine = ", ".join(user.namespaces) or "none"
         return (
             f"{who.name} may not read session {s.id}: it traced "
             f"{json.dumps(_targets_json(s.targets), sort_keys=True)}, outside what "

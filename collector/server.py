@@ -371,31 +371,40 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             ]
         )
 
+    def _read_refusals(self, context: grpc.ServicerContext) -> Callable[[str], str | None] | None:
+        """Why the caller may not read what a session (by id) recorded, or None for a
+        caller who reads everything (then nothing needs looking up)."""
+        who = self.access.identify(context)  # once per call, not once per session
+        if who.unrestricted:
+            return None
+
+        def refusal(sid: str) -> str | None:
+            try:
+                s = self.sessions.get(sid)
+            except UnknownSession:
+                return f"session {sid} is not known to this collector: only an admin may read it"
+            return self.access.read_refusal(who, s)
+
+        return refusal
+
     def _readable(self, context: grpc.ServicerContext) -> Callable[[str], bool]:
         """Whether the caller may read what a session (by id) recorded."""
-        return lambda sid: self._read_refusal(context, sid) is None
-
-    def _read_refusal(self, context: grpc.ServicerContext, sid: str) -> str | None:
-        who = self.access.identify(context)
-        if who.user is None or who.role == "admin":
-            return None
-        try:
-            s = self.sessions.get(sid)
-        except UnknownSession:
-            return f"session {sid} is not known to this collector: only an admin may read it"
-        return self.access.read_refusal(who, s)
+        refusal = self._read_refusals(context)
+        return lambda sid: refusal is None or refusal(sid) is None
 
     def _may_read(self, context: grpc.ServicerContext, session_ids: Iterable[str]) -> None:
         """Abort with PERMISSION_DENIED unless the caller may read every one of them."""
-        for sid in sorted(set(session_ids)):
-            refusal = self._read_refusal(context, sid)
-            if refusal is not None:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        refusal = self._read_refusals(context)
+        if refusal is not None:
+            _deny_unreadable(context, refusal, session_ids)
 
     def _may_read_query(self, context: grpc.ServicerContext, query_id: str) -> None:
+        refusal = self._read_refusals(context)
+        if refusal is None:
+            return  # reads everything: the query's sessions need no lookup
         with self._store_lock:
             sids = self.store.query_sessions([query_id])[query_id]
-        self._may_read(context, sids)
+        _deny_unreadable(context, refusal, sids)
 
     def _stats(self, session_id: str | None) -> list[services_pb2.SessionAgentStats]:
         with self._store_lock:
@@ -535,22 +544,17 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
             self._may_read(context, [request.session_id])
         with self._store_lock:
             found = self.store.list_anomalies(request.session_id or None)
-        who = self.access.identify(context)
-        if who.user is not None and who.role != "admin":
+        refusal = self._read_refusals(context)
+        if refusal is not None:
             # An anomaly reported without a session is shown to those who may read every
             # session that traced its query (none traced it: nothing to hide).
-            readable = self._readable(context)
             unbound = [a.query_id for a in found if not a.session_id]
             with self._store_lock:
                 traced_by = self.store.query_sessions(unbound)
             found = [
                 a
                 for a in found
-                if (
-                    readable(a.session_id)
-                    if a.session_id
-                    else all(readable(sid) for sid in traced_by[a.query_id])
-                )
+                if not any(map(refusal, [a.session_id] if a.session_id else traced_by[a.query_id]))
             ]
         return anomalies_pb2.ListAnomaliesResponse(anomalies=found)
 
@@ -580,6 +584,15 @@ class Collector(services_pb2_grpc.AgentServiceServicer, services_pb2_grpc.Contro
         self._stopping.set()
         self.fetcher.close()
         self.sessions.close()
+
+
+def _deny_unreadable(
+    context: grpc.ServicerContext, refusal: Callable[[str], str | None], session_ids: Iterable[str]
+) -> None:
+    for sid in sorted(set(session_ids)):
+        why = refusal(sid)
+        if why is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
 
 
 def serve(

@@ -233,23 +233,10 @@ def status(
         t.add_column(col, justify="right" if col not in ("node", "agent", "state") else "left")
     for a in obj["agents"]:
         style = (
-            "red"
-            if a["dropped"] or a["error"]
-            else "yellow"
-            if a["shed"] or a["disconnected"]
+            "red" if a["dropped"] or a["error"] else "yellow" if a["shed"] or a["disconnected"]
             else None
-        )
-        # An error on an agent still tracing is a condition that may pass (no pod matches
-        # yet, RBAC being fixed); on a finished one it is why it could not trace.
-        state = (
-            (f"failed: {a['error']}" if a["complete"] else f"waiting: {a['error']}")
-            if a["error"]
-            else "complete"
-            if a["complete"]
-            else "disconnected"
-            if a["disconnected"]
-            else "tracing"
-        )
+        )  # fmt: skip
+        state = _agent_state(a)
         t.add_row(
             shown(a["node"]), shown(a["agent_id"]), str(a["events_stored"]), str(a["batches"]),
             str(a["dropped"]), str(a["shed"]), history_text(a["history"]), shown(state),
@@ -259,8 +246,19 @@ def status(
     # Why a node traces nothing is worth reading whole: the table cuts long cells.
     for a in obj["agents"]:
         if a["error"]:
-            said = f"{a['node']}: {'failed' if a['complete'] else 'waiting'}: {a['error']}"
+            said = f"{a['node']}: {_agent_state(a)}"
             out.print(printable(said), markup=False, soft_wrap=True)
+
+
+def _agent_state(a: dict[str, Any]) -> str:
+    """One node's part in a session, as `session status` shows it."""
+    if a["error"]:
+        # An error on an agent still tracing is a condition that may pass (no pod matches
+        # yet, RBAC being fixed); on a finished one it is why it could not trace.
+        return f"{'failed' if a['complete'] else 'waiting'}: {a['error']}"
+    if a["complete"]:
+        return "complete"
+    return "disconnected" if a["disconnected"] else "tracing"
 
 
 @app.command("stop")
