@@ -105,12 +105,14 @@ def test_late_anomaly_explains_as_live_full_capture(twice: dict[str, Any]) -> No
         live = qtrace_json("explain", qid, "--collector", twice["full"].addr)
         late = qtrace_json("explain", qid, "--collector", twice["rec"].addr)
         assert late["completeness"]["complete"], (qid, late["completeness"]["reasons"])
-        # The same hops, the same spans (two agents' clocks: a few µs apart at most).
+        # The same hops, the same spans. A span's two ends may be converted seconds apart
+        # (live: as they arrive; late: in the fetches that brought them), and both of an
+        # agent's clock offsets slew by up to 50 µs a second meanwhile: within 1 ms.
         assert [(h["node"], h["pid"], h["tid"]) for h in late["hops"]] == [
             (h["node"], h["pid"], h["tid"]) for h in live["hops"]
         ]
         for a, b in zip(late["hops"], live["hops"], strict=True):
-            assert abs((a["end_ns"] - a["start_ns"]) - (b["end_ns"] - b["start_ns"])) < 200_000
+            assert abs((a["end_ns"] - a["start_ns"]) - (b["end_ns"] - b["start_ns"])) < 1_000_000
             for cat, v in b["breakdown_ns"].items():
                 w = a["breakdown_ns"][cat]
                 assert (v is None) == (w is None), cat
